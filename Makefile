@@ -1,0 +1,35 @@
+# Common entry points. `make help` lists them.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install demo test test-all bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --upgrade pip
+
+install: $(PY)  ## create .venv and install the pinned requirements + the fpet package (editable)
+	$(PY) -m pip install -r requirements.txt
+	$(PY) -m pip install --no-deps -e .
+
+demo:  ## train LoRA on the embedded synthetic task with vit_micro (CPU, < 3 min) and print a summary
+	$(PY) scripts/demo.py
+
+test:  ## the fast test suite (what CI runs)
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+test-all:  ## every test, slow ones included
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench:  ## efficiency figures (GFLOPs, latency, memory) of the default model, random init, no data
+	$(PY) scripts/benchmark.py
+
+clean:  ## remove caches (keeps .venv, data/ and outputs/)
+	rm -rf .pytest_cache src/*.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
