@@ -1,0 +1,33 @@
+"""PET methods: each wraps the module it adapts (`base_layer`) and is injected by name."""
+from __future__ import annotations
+
+from typing import Callable
+
+from omegaconf import DictConfig
+from torch import nn
+
+from fpet.pet.adaptformer import AdaptFormerMLP, inject_adaptformer
+from fpet.pet.base import Bottleneck, PETLayer
+from fpet.pet.inject import head_module, replace_modules, set_trainable
+from fpet.pet.lora import LoRAQKV, inject_lora
+
+PETInjector = Callable[[nn.Module, DictConfig], list[str]]
+"""`injector(vit, cfg.pet) -> names of the wrapped modules`."""
+
+PET_METHODS: dict[str, PETInjector] = {
+    "lora": inject_lora,
+    "adaptformer": inject_adaptformer,
+}
+
+
+def inject_pet(vit: nn.Module, cfg: DictConfig) -> list[str]:
+    """Inject the PET method `cfg.name` into a timm ViT in place; returns the wrapped module names."""
+    if cfg.name not in PET_METHODS:
+        raise ValueError(f"pet={cfg.name!r} is not known; choose one of {sorted(PET_METHODS)}")
+    return PET_METHODS[cfg.name](vit, cfg)
+
+
+__all__ = [
+    "AdaptFormerMLP", "Bottleneck", "LoRAQKV", "PETLayer", "PET_METHODS",
+    "head_module", "inject_pet", "replace_modules", "set_trainable",
+]

@@ -1,0 +1,55 @@
+"""Injection by module replacement and the one freezing function."""
+from __future__ import annotations
+
+import fnmatch
+from typing import Callable
+
+from torch import nn
+
+from fpet.pet.base import PETLayer
+
+TRAINABLE_MODES = ("pet", "all", "head")
+
+
+def replace_modules(root: nn.Module, pattern: str, wrap: Callable[[nn.Module], nn.Module]) -> list[str]:
+    """Replace every submodule whose dotted name matches `pattern` (fnmatch, e.g. `blocks.*.attn.qkv`) by
+    `wrap(module)`. Returns the replaced names; raises if nothing matches (a wrong pattern must not pass silently).
+    """
+    names = [name for name, _ in root.named_modules() if name and fnmatch.fnmatchcase(name, pattern)]
+    if not names:
+        raise ValueError(f"no module of {type(root).__name__} matches {pattern!r}")
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, wrap(getattr(parent, attr)))
+    return names
+
+
+def set_trainable(model: nn.Module, mode: str = "pet") -> None:
+    """Freeze everything, then unfreeze by `mode` (`pet.trainable`).
+
+    - `pet`:  the branches of every `PETLayer`, the classification head and the merge strategies' parameters;
+    - `all`:  every parameter (full fine-tuning);
+    - `head`: the head (linear probing), plus merge parameters if a learnable merge is used.
+    """
+    if mode not in TRAINABLE_MODES:
+        raise ValueError(f"pet.trainable={mode!r} is not one of {TRAINABLE_MODES}")
+    for param in model.parameters():
+        param.requires_grad_(mode == "all")
+    if mode == "all":
+        return
+    if mode == "pet":
+        for module in model.modules():
+            if isinstance(module, PETLayer):
+                for param in module.pet_parameters():
+                    param.requires_grad_(True)
+    for param in head_module(model).parameters():
+        param.requires_grad_(True)
+    for param in getattr(model, "merges", nn.ModuleDict()).parameters():
+        param.requires_grad_(True)
+
+
+def head_module(model: nn.Module) -> nn.Module:
+    """The classification head of a `TokenViT` (or of a bare timm ViT)."""
+    vit = getattr(model, "vit", model)
+    return vit.get_classifier()
