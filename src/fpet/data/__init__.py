@@ -1,0 +1,67 @@
+"""Datasets and loaders. A dataset kind maps `(cfg.dataset, split, data_dir, transform)` to a torch Dataset of
+`(image [3, H, W], label)`; the VTAB-1K folder reader registers itself here beside the synthetic task."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, Dataset
+
+from fpet.data.synthetic import SyntheticTask
+from fpet.data.transforms import ToFloat
+
+SPLITS = ("train800", "val200", "train800val200", "test")
+PROTOCOLS = {"test": ("train800val200", "test"), "val": ("train800", "val200")}
+"""dataset.protocol -> (training split, evaluation split). `test` is the paper's; `val` is for choosing
+hyper-parameters without touching the test set."""
+
+DatasetBuilder = Callable[[DictConfig, str, Path, Callable], Dataset]
+
+
+def _synthetic(cfg: DictConfig, split: str, data_dir: Path, transform: Callable) -> Dataset:
+    return SyntheticTask(split, img_size=cfg.img_size, num_test=cfg.num_test, data_seed=cfg.data_seed,
+                         transform=transform)
+
+
+DATASET_KINDS: dict[str, DatasetBuilder] = {"synthetic": _synthetic}
+
+
+class Loaders(NamedTuple):
+    train: DataLoader
+    eval: DataLoader
+    train_split: str
+    eval_split: str
+
+
+def protocol_splits(protocol: str) -> tuple[str, str]:
+    """(train split, eval split) of `dataset.protocol`."""
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"dataset.protocol={protocol!r} is not one of {sorted(PROTOCOLS)}")
+    return PROTOCOLS[protocol]
+
+
+def build_dataset(cfg: DictConfig, split: str, data_dir: str | Path) -> Dataset:
+    """One split of `cfg` (= `cfg.dataset`) with the shared image transform."""
+    if cfg.kind not in DATASET_KINDS:
+        raise ValueError(f"dataset.kind={cfg.kind!r} is not one of {sorted(DATASET_KINDS)}")
+    return DATASET_KINDS[cfg.kind](cfg, split, Path(data_dir), ToFloat(cfg.get("normalize", "none")))
+
+
+def build_loaders(cfg: DictConfig) -> Loaders:
+    """Train loader (shuffled by `seed`, drop_last as the official code) and eval loader of the protocol."""
+    train_split, eval_split = protocol_splits(cfg.dataset.protocol)
+    train_set = build_dataset(cfg.dataset, train_split, cfg.paths.data_dir)
+    eval_set = build_dataset(cfg.dataset, eval_split, cfg.paths.data_dir)
+    workers = int(cfg.dataset.get("num_workers", 0))
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    generator = torch.Generator().manual_seed(int(cfg.seed))
+    train = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
+                       generator=generator, **common)
+    evaluation = DataLoader(eval_set, batch_size=cfg.train.eval_batch_size, shuffle=False, **common)
+    return Loaders(train, evaluation, train_split, eval_split)
+
+
+__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SyntheticTask", "build_dataset", "build_loaders",
+           "protocol_splits"]

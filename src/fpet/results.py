@@ -1,0 +1,155 @@
+"""results.json (the contract of DESIGN section 9) and the run loggers (console, metrics.jsonl, wandb)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+RESULT_KEYS = (
+    "task", "backbone", "pet", "merge", "seed", "epochs", "acc", "acc_best", "gflops", "tokens_out",
+    "params_pet", "params_head", "params_merge", "storage_bytes", "latency_ms", "throughput",
+    "train_s_per_iter", "train_act_mb", "peak_mem_mb", "device", "dtype", "protocol",
+)
+"""Keys every results.json has (null where not measured); outside checks rely on them."""
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON to a temporary file in the same directory, then rename: a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def describe_device(device: torch.device) -> str:
+    """Human-readable hardware name, e.g. 'NVIDIA H200' or 'cpu: AMD EPYC 7763 (2 threads)'."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"cpu: {name} ({torch.get_num_threads()} threads)"
+
+
+def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, Any], storage_bytes: Optional[int],
+                  device: torch.device) -> dict[str, Any]:
+    """The results record of one run: the contract keys first, then details and the resolved config."""
+    import timm
+
+    from fpet import __version__
+
+    results = {
+        "task": cfg.dataset.name,
+        "backbone": cfg.backbone.name,
+        "pet": cfg.pet.name,
+        "merge": cfg.merge.name,
+        "seed": int(cfg.seed),
+        "epochs": int(cfg.train.epochs),
+        "acc": fit.get("acc"),
+        "acc_best": fit.get("acc_best"),
+        **{k: efficiency.get(k) for k in RESULT_KEYS if k in efficiency},
+        "storage_bytes": storage_bytes,
+        "device": describe_device(device),
+        "protocol": cfg.dataset.protocol,
+    }
+    results.update({k: None for k in RESULT_KEYS if k not in results})
+    results.update({
+        "merge_layer": cfg.merge.get("layer"),
+        "merge_r": cfg.merge.get("r"),
+        "merge_split": cfg.merge.get("split"),
+        "pet_dim": cfg.pet.get("dim"),
+        "pet_scale": cfg.pet.get("scale"),
+        "normalize": cfg.dataset.get("normalize", "none"),
+        "train_split": fit.get("train_split"),
+        "eval_split": fit.get("eval_split"),
+        "acc_protocols": {"acc": "final: after the last epoch",
+                          "acc_best": f"best_{fit.get('eval_split')}: best of the evaluations every "
+                                      f"{cfg.train.eval_every} epochs (official FPET code)"},
+        "evals": fit.get("evals", []),
+        "train_seconds": fit.get("train_seconds"),
+        "efficiency": efficiency,
+        "versions": {"fpet": __version__, "torch": torch.__version__, "timm": timm.__version__},
+        "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": True,
+        "config": OmegaConf.to_container(cfg, resolve=True),
+    })
+    return results
+
+
+class RunLogger:
+    """Per-epoch metrics to `metrics.jsonl` (always) and to Weights & Biases (`logger.mode` offline | online)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.wandb = self._init_wandb(cfg, Path(run_dir))
+
+    @staticmethod
+    def _init_wandb(cfg: DictConfig, run_dir: Path) -> Any:
+        mode = cfg.logger.get("mode", "disabled")
+        if cfg.logger.get("name") != "wandb" or mode == "disabled":
+            return None
+        try:
+            import wandb
+        except ImportError:
+            log.warning("logger=wandb but wandb is not installed (pip install wandb); logging to metrics.jsonl only")
+            return None
+        name = f"{cfg.dataset.name}-{cfg.pet.name}-{cfg.merge.tag}-s{cfg.seed}"
+        return wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.logger.get("group"),
+                          name=name, mode=mode, dir=str(run_dir), reinit=True,
+                          config=OmegaConf.to_container(cfg, resolve=True))
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.wandb is not None:
+            self.wandb.log(metrics, step=step)
+
+    def finish(self, summary: Optional[dict[str, Any]] = None) -> None:
+        if self.wandb is not None:
+            if summary:
+                self.wandb.summary.update({k: v for k, v in summary.items() if k in RESULT_KEYS})
+            self.wandb.finish()
+            self.wandb = None
+
+
+def format_summary(results: dict[str, Any], run_dir: Path) -> str:
+    """A few lines for the console at the end of a run."""
+    def fmt(value: Any, spec: str) -> str:
+        return "n/a" if value is None else format(value, spec)
+
+    return "\n".join([
+        f"== {results['task']} | {results['backbone']} | pet={results['pet']} | merge={results['merge']} "
+        f"| seed={results['seed']}",
+        f"   accuracy  final {fmt(results['acc'], '.2f')} %   best {fmt(results['acc_best'], '.2f')} % "
+        f"({results['eval_split']} split)",
+        f"   GFLOPs {fmt(results['gflops'], '.3f')}   tokens out {results['tokens_out']}   "
+        f"latency {fmt(results['latency_ms'], '.3f')} ms/img   train {fmt(results['train_s_per_iter'], '.3f')} s/it "
+        f"  saved-for-backward {fmt(results['train_act_mb'], '.1f')} MB",
+        f"   params: PET {results['params_pet']:,}  head {results['params_head']:,}  merge "
+        f"{results['params_merge']:,}   on {results['device']}",
+        f"   results: {run_dir / 'results.json'}",
+    ])
