@@ -1,0 +1,42 @@
+"""Shared fixtures: composed configs on the tiny random-init ViT, fast settings, temporary output dirs."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pytest
+import torch
+from omegaconf import DictConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+os.environ.setdefault("WANDB_MODE", "disabled")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+from fpet.config import compose_config  # noqa: E402
+
+FAST = [
+    "backbone=vit_micro", "logger=none", "train.progress=false", "train.epochs=1", "train.eval_every=1",
+    "train.limit_batches=2", "train.batch_size=8",
+    "dataset.num_test=64", "bench.infer_batch=4", "bench.train_batch=4", "bench.repeats=1", "bench.warmup=0",
+]
+"""Overrides that make a run take seconds on a CPU."""
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """`make_cfg("pet=adaptformer", ...)`: the composed train config with FAST settings and tmp output dirs."""
+
+    def _make(*overrides: str, fast: Sequence[str] = FAST) -> DictConfig:
+        return compose_config([*fast, f"paths.output_dir={tmp_path / 'outputs'}", *overrides])
+
+    return _make
+
+
+@pytest.fixture
+def images() -> torch.Tensor:
+    """Two random 224x224 images `[2, 3, 224, 224]`."""
+    return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
