@@ -3,7 +3,8 @@
     python scripts/benchmark.py pet=adaptformer merge=fpet merge.layer=4 bench.infer_batch=64
 
 Takes the same overrides as train.py (backbone.checkpoint defaults to null: random init) plus bench.infer_batch,
-bench.train_batch, bench.repeats, bench.latency=false, bench.train=false. Prints a readable block, then the
+bench.train_batch, bench.repeats, bench.latency=false, bench.train=false, bench.merge_time=true (time spent in
+the merge modules: merge_ms per image, merge_frac of the forward pass). Prints a readable block, then the
 efficiency keys of results.json as one JSON object on the last stdout line.
 """
 import json
@@ -15,6 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from fpet.config import compose_config  # noqa: E402
+from fpet.merge.timing import measure_merge_time  # noqa: E402
 from fpet.model import build_model  # noqa: E402
 from fpet.profile import profile_model  # noqa: E402
 from fpet.results import describe_device  # noqa: E402
@@ -31,6 +33,9 @@ def benchmark(overrides: list[str]) -> dict:
            "merge_layer": cfg.merge.get("layer"), "merge_r": cfg.merge.get("r"),
            "merge_split": cfg.merge.get("split")}
     out.update(profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes))
+    if cfg.bench.get("merge_time"):  # time inside the merge modules, share of the forward pass
+        out.update(measure_merge_time(model, cfg.bench.infer_batch, cfg.backbone.img_size, cfg.bench.repeats,
+                                      cfg.bench.warmup))
     out["device"] = describe_device(device)
     return out
 

@@ -183,6 +183,9 @@ def test_fpet_refinement_adapter_shape_and_init():
     assert torch.count_nonzero(full.refinement.up.weight) == 0
     with pytest.raises(ValueError, match="merge.refine_bits=4"):
         FPETMerge(head_dim=64, grid=(14, 14), num_prefix=1, refine_bits=4)
+    with pytest.raises(ValueError, match="merge.refine_dim=0"):
+        FPETMerge(head_dim=64, grid=(14, 14), num_prefix=1, refine_dim=0)
+    assert FPETMerge(head_dim=64, grid=(14, 14), num_prefix=1, refine_dim=8).refinement.down.out_features == 8
 
 
 # ---------------------------------------------------------------- pooling

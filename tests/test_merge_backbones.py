@@ -67,7 +67,8 @@ def test_table_a1_flops(make_cfg, backbone, pet, paper_none, paper_fpet):
         model = build_model(make_cfg(f"backbone={backbone}", "backbone.checkpoint=null", *pet, f"merge={merge}",
                                      "dataset.num_classes=100"))
         flops[merge] = count_flops(model, 224)
-    # unfolded LoRA adds 0.03-0.12 G over the paper's (folded) figures; see docs/benchmarks.md
-    assert flops["none"] == pytest.approx(paper_none, abs=0.25)
-    assert flops["fpet"] == pytest.approx(paper_fpet, abs=0.25)
-    assert flops["fpet"] / flops["none"] == pytest.approx(paper_fpet / paper_none, abs=0.01)
+    # within 2.5% of the paper (DeiT-B: +0.8% / +2.0% from the distillation token and unfolded LoRA, see
+    # docs/benchmarks.md), and the reduction ratio within 0.012
+    assert flops["none"] == pytest.approx(paper_none, rel=0.025)
+    assert flops["fpet"] == pytest.approx(paper_fpet, rel=0.025)
+    assert flops["fpet"] / flops["none"] == pytest.approx(paper_fpet / paper_none, abs=0.012)

@@ -76,7 +76,7 @@ def bipartite_soft_matching(keys: Tensor, r: int, a_idx: Tensor, b_idx: Tensor, 
     r = min(r, len(a_idx))
     with torch.no_grad():
         k = keys / keys.norm(dim=-1, keepdim=True)
-        scores = k[:, a_idx] @ k[:, b_idx].transpose(1, 2)  # [B, Na, Nb]
+        scores = k.index_select(1, a_idx) @ k.index_select(1, b_idx).mT  # [B, Na, Nb]
         best, dst_all = scores.max(dim=-1)  # [B, Na]
         order = best.sort(dim=-1, descending=True, stable=True).indices
         src = order[:, :r]  # A tokens that merge
@@ -85,7 +85,7 @@ def bipartite_soft_matching(keys: Tensor, r: int, a_idx: Tensor, b_idx: Tensor, 
 
     def reduce(t: Tensor, mode: str) -> Tensor:
         B, _, D = t.shape
-        t_a, t_b = t[:, a_idx], t[:, b_idx]
+        t_a, t_b = t.index_select(1, a_idx), t.index_select(1, b_idx)
         kept = t_a.gather(1, keep[..., None].expand(B, -1, D))
         moved = t_a.gather(1, src[..., None].expand(B, -1, D))
         t_b = t_b.scatter_reduce(1, dst[..., None].expand(B, -1, D), moved, reduce=mode)

@@ -76,7 +76,9 @@ class FPETMerge(BipartiteMerge):
                  scale: float = 1.0, size_grad: bool = False) -> None:
         super().__init__(split, grid, num_prefix, min_b=2)  # top-2 needs two candidates
         self.stop_grad, self.scale, self.size_grad = stop_grad, scale, size_grad
-        self.refinement = key_refinement(head_dim, refine_dim or head_dim // 2, refine_bits)
+        if refine_dim is not None and refine_dim < 1:
+            raise ValueError(f"merge.refine_dim={refine_dim} must be a positive int (or null for head_dim // 2)")
+        self.refinement = key_refinement(head_dim, head_dim // 2 if refine_dim is None else refine_dim, refine_bits)
 
     def refine_keys(self, keys: Tensor) -> Tensor:
         """`K [B, N, d] -> normalise(K + s * refinement(K))`, with the gradient stop on `K`."""
@@ -87,17 +89,18 @@ class FPETMerge(BipartiteMerge):
     def match(self, x: Tensor, size: Tensor, keys: Tensor) -> Reduce:
         a_idx, b_idx = self.split_indices(x.shape[1], x.device)
         k = self.refine_keys(keys)
-        matching = bipartite_differentiable_matching(k[:, a_idx] @ k[:, b_idx].transpose(1, 2))
+        matching = bipartite_differentiable_matching(k.index_select(1, a_idx) @ k.index_select(1, b_idx).mT)
         prefix = self.num_prefix
+        out_idx = torch.cat([torch.arange(prefix, device=x.device), b_idx])  # output layout: [prefix, B]
+        into_out = F.pad(matching, (prefix, 0)).mT  # [B, P + Nb, Na]: prefix rows receive nothing
 
         def reduce(t: Tensor, mode: str) -> Tensor:
-            t_a, t_b = t[:, a_idx], t[:, b_idx]
+            t_a, t_out = t.index_select(1, a_idx), t.index_select(1, out_idx)
             if mode == "sum":
-                merged = torch.baddbmm(t_b, matching.transpose(1, 2).to(t.dtype), t_a)
-            else:  # the hard assignment only: an elementwise reduction has no matrix form
-                dst = matching.argmax(dim=-1)[..., None].expand_as(t_a)
-                merged = t_b.scatter_reduce(1, dst, t_a, reduce=mode)
-            return torch.cat([t[:, :prefix], merged], dim=1)
+                return torch.baddbmm(t_out, into_out.to(t.dtype), t_a)
+            # an elementwise reduction has no matrix form: the hard assignment only
+            dst = (matching.argmax(dim=-1) + prefix)[..., None].expand_as(t_a)
+            return t_out.scatter_reduce(1, dst, t_a, reduce=mode)
 
         return reduce
 
