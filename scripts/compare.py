@@ -94,7 +94,8 @@ def markdown(rows: list[dict]) -> str:
         return "n/a" if value is None else format(value, spec)
 
     lines = ["| variant | tokens | GFLOPs | ratio | latency ms/img | ratio | train s/it | ratio "
-             "| saved-for-backward MB | ratio | merge ms/img | merge % of forward |", "|" + "---|" * 12]
+             "| saved-for-backward MB | ratio | peak MB (CUDA) | ratio | merge ms/img | merge % of forward |",
+             "|" + "---|" * 14]
     for r in rows:
         share = None if r["merge_frac"] is None else 100 * r["merge_frac"]
         lines.append(
@@ -102,6 +103,7 @@ def markdown(rows: list[dict]) -> str:
             f"| {fmt(r['latency_ms'], '.2f')} | {fmt(r['latency_ms_ratio'], '.3f')} "
             f"| {fmt(r['train_s_per_iter'], '.2f')} | {fmt(r['train_s_per_iter_ratio'], '.3f')} "
             f"| {fmt(r['train_act_mb'], '.0f')} | {fmt(r['train_act_mb_ratio'], '.3f')} "
+            f"| {fmt(r['peak_mem_mb'], '.0f')} | {fmt(r['peak_mem_mb_ratio'], '.3f')} "
             f"| {fmt(r['merge_ms'], '.3f')} | {fmt(share, '.2f')} |")
     return "\n".join(lines)
 
