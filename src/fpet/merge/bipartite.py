@@ -80,15 +80,15 @@ def bipartite_soft_matching(keys: Tensor, r: int, a_idx: Tensor, b_idx: Tensor, 
         best, dst_all = scores.max(dim=-1)  # [B, Na]
         order = best.sort(dim=-1, descending=True, stable=True).indices
         src = order[:, :r]  # A tokens that merge
-        keep = order[:, r:].sort(dim=-1).values  # A tokens that stay, in their original order
         dst = dst_all.gather(1, src)  # their B partners
+        src = a_idx[src]  # as positions in the sequence
+        keep = a_idx[order[:, r:].sort(dim=-1).values]  # A tokens that stay, in their original order
 
     def reduce(t: Tensor, mode: str) -> Tensor:
         B, _, D = t.shape
-        t_a, t_b = t.index_select(1, a_idx), t.index_select(1, b_idx)
-        kept = t_a.gather(1, keep[..., None].expand(B, -1, D))
-        moved = t_a.gather(1, src[..., None].expand(B, -1, D))
-        t_b = t_b.scatter_reduce(1, dst[..., None].expand(B, -1, D), moved, reduce=mode)
+        kept = t.gather(1, keep[..., None].expand(B, -1, D))
+        moved = t.gather(1, src[..., None].expand(B, -1, D))
+        t_b = t.index_select(1, b_idx).scatter_reduce(1, dst[..., None].expand(B, -1, D), moved, reduce=mode)
         return torch.cat([t[:, :num_prefix], kept, t_b], dim=1)
 
     return reduce
