@@ -13,6 +13,8 @@ from fpet.data.synthetic import SyntheticTask
 from fpet.data.transforms import ToFloat
 
 SPLITS = ("train800", "val200", "train800val200", "test")
+SPLIT_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}
+"""Images in the VTAB-1K training splits (the test split's size depends on the task)."""
 PROTOCOLS = {"test": ("train800val200", "test"), "val": ("train800", "val200")}
 """dataset.protocol -> (training split, evaluation split). `test` is the paper's; `val` is for choosing
 hyper-parameters without touching the test set."""
@@ -63,5 +65,5 @@ def build_loaders(cfg: DictConfig) -> Loaders:
     return Loaders(train, evaluation, train_split, eval_split)
 
 
-__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SyntheticTask", "build_dataset", "build_loaders",
+__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SPLIT_SIZES", "SyntheticTask", "build_dataset", "build_loaders",
            "protocol_splits"]
