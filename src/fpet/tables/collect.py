@@ -55,6 +55,8 @@ class Method:
     r: Optional[int] = None
     split: Optional[str] = None
     stop_grad: Optional[bool] = None
+    default_layer: Optional[int] = None
+    """The backbone's middle block (`backbone.merge_layer`), where the paper merges; None = 6 (ViT-B/16)."""
 
     @property
     def variant(self) -> str:
@@ -66,6 +68,8 @@ class Method:
         name = self.merge
         for option, default in options.items():
             value = getattr(self, option)
+            if option == "layer" and self.default_layer is not None:
+                default = self.default_layer
             if value is None or value == default:
                 continue
             if option == "layer":
@@ -122,10 +126,13 @@ def _method(results: dict[str, Any]) -> Method:
     merge = results.get("merge") or "none"
     if merge == "none":
         return Method(results["pet"])
-    stop_grad = ((results.get("config") or {}).get("merge") or {}).get("stop_grad")
+    config = results.get("config") or {}
+    stop_grad = (config.get("merge") or {}).get("stop_grad")
+    middle = (config.get("backbone") or {}).get("merge_layer")
     layer, r = results.get("merge_layer"), results.get("merge_r")
     return Method(results["pet"], merge, None if layer is None else int(layer), None if r is None else int(r),
-                  results.get("merge_split"), None if stop_grad is None else bool(stop_grad))
+                  results.get("merge_split"), None if stop_grad is None else bool(stop_grad),
+                  None if middle is None else int(middle))
 
 
 def run_from_results(results: dict[str, Any], path: str) -> Run:
