@@ -16,12 +16,9 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from fpet.results import load_complete_results
+from fpet.resume import config_fingerprint
 
 log = logging.getLogger(__name__)
-
-IGNORED_KEYS = ("device", "paths", "logger", "train.progress", "train.skip_finished", "dataset.num_workers")
-"""Config keys (and key prefixes) that do not change what a run computes; a finished run made with other values of
-these is still skipped. Keys interpolated from `paths` (file locations) are ignored too."""
 
 
 def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
@@ -33,23 +30,23 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: node}
 
 
-def _ignored(key: str, raw: Any) -> bool:
-    if any(key == k or key.startswith(k + ".") for k in IGNORED_KEYS):
-        return True
+def _location(raw: Any) -> bool:
+    """A value interpolated from `paths` or the environment: where files are, not what the run computes."""
     return isinstance(raw, str) and ("${paths." in raw or "${oc.env:" in raw)
 
 
 def config_differences(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
-    """`key: stored -> current` for every config value the two share that differs (ignored keys aside).
+    """`key: stored -> current` for every value of the run fingerprint (fpet.resume.config_fingerprint: what
+    decides a run's numbers, so not devices, paths, logging or measurement settings) that differs.
 
     Keys only one side has are not differences, so a config key added by a newer version of the code does not make
-    finished runs look stale.
+    finished runs look stale; file locations (values interpolated from `paths`) do not count either.
     """
-    current = _flatten(OmegaConf.to_container(cfg, resolve=True))
+    old = _flatten(config_fingerprint(OmegaConf.create(stored)))
+    new = _flatten(config_fingerprint(cfg))
     raw = _flatten(OmegaConf.to_container(cfg, resolve=False))
-    old = _flatten(stored)
-    return [f"{key}: {old[key]!r} -> {value!r}" for key, value in current.items()
-            if key in old and old[key] != value and not _ignored(key, raw.get(key))]
+    return [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items()
+            if key in old and old[key] != value and not _location(raw.get(key))]
 
 
 def finished_results(cfg: DictConfig, run_dir: str | Path) -> Optional[dict[str, Any]]:
