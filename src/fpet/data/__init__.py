@@ -11,8 +11,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from fpet.data.synthetic import SyntheticTask
 from fpet.data.transforms import ToFloat
+from fpet.data.vtab import build_vtab
+from fpet.data.vtab_rules import SPLITS
 
-SPLITS = ("train800", "val200", "train800val200", "test")
 PROTOCOLS = {"test": ("train800val200", "test"), "val": ("train800", "val200")}
 """dataset.protocol -> (training split, evaluation split). `test` is the paper's; `val` is for choosing
 hyper-parameters without touching the test set."""
@@ -25,7 +26,7 @@ def _synthetic(cfg: DictConfig, split: str, data_dir: Path, transform: Callable)
                          transform=transform)
 
 
-DATASET_KINDS: dict[str, DatasetBuilder] = {"synthetic": _synthetic}
+DATASET_KINDS: dict[str, DatasetBuilder] = {"synthetic": _synthetic, "vtab": build_vtab}
 
 
 class Loaders(NamedTuple):
