@@ -53,7 +53,11 @@ def main(argv: Optional[list[str]] = None, factory: Optional[SourceFactory] = No
     if args.list:
         print_tasks()
         return 0
-    tasks = select_tasks(args.tasks)
+    try:
+        tasks = select_tasks(args.tasks)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     tfds_dir = args.tfds_dir or args.data_dir / "tfds"
     factory = factory or tfds_source_factory(tfds_dir, args.any_version)
     root = vtab_root(args.data_dir)

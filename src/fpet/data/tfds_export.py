@@ -173,7 +173,6 @@ def export_task(task: TaskSpec, root: Path, factory: SourceFactory, manual_dir: 
         return None
     check_manual_files(task, manual_dir)
     start = time.perf_counter()
-    task_dir.mkdir(parents=True, exist_ok=True)
     source: Optional[ExampleSource] = None
     rows: dict[str, list[tuple[str, int]]] = {}
     for split in EXPORTED_SPLITS:
