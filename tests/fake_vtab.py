@@ -1,7 +1,9 @@
 """Tiny VTAB-1K folders and a fake tfds source for the tests (a few small JPEGs, lists of any length)."""
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 from typing import Any, Iterator, Mapping, Optional
 
 import numpy as np
@@ -79,3 +81,12 @@ def task_with(task: str, **changes: Any) -> TaskSpec:
     from dataclasses import replace
 
     return replace(get_task(task), **changes)
+
+
+def load_script(name: str) -> ModuleType:
+    """`scripts/<name>.py` as a module, so tests can call its `main(argv)`."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

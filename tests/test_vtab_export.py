@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT
-from fake_vtab import FakeSource, kitti_example, task_with, tiny_image
+from fake_vtab import FakeSource, kitti_example, load_script, task_with, tiny_image
 from fpet.data.tfds_export import ExportError, ManualDownloadRequired, TfdsSource, export_task, is_finished
 from fpet.data.vtab_rules import TASKS
 from fpet.data.vtab_validate import validate_task
@@ -24,10 +24,7 @@ KITTI_SIZES = {"train": 850, "validation": 210, "test": 711}
 
 @pytest.fixture(scope="module")
 def prepare_main():
-    spec = importlib.util.spec_from_file_location("prepare_vtab", ROOT / "scripts" / "prepare_vtab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("prepare_vtab").main
 
 
 def factory_of(source):

@@ -1,22 +1,16 @@
 """The VTAB-1K validator: a good folder passes; a broken one has every problem reported, with a non-zero exit."""
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
-from conftest import ROOT
-from fake_vtab import write_fake_task
+from fake_vtab import load_script, write_fake_task
 from fpet.data.vtab_rules import TASKS
 from fpet.data.vtab_validate import format_reports, validate_task
 
 
 @pytest.fixture(scope="module")
 def validate_main():
-    spec = importlib.util.spec_from_file_location("validate_vtab", ROOT / "scripts" / "validate_vtab.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.main
+    return load_script("validate_vtab").main
 
 
 def test_good_folders_in_both_spellings_pass(tmp_path, validate_main, capsys):

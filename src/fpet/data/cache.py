@@ -16,8 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
@@ -27,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
+
+from fpet.fileio import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -92,32 +92,23 @@ def check_cache(path: Path, key: str, count: int, shape: tuple[int, ...], verify
 
 def write_cache(path: Path, key: str, batches: Iterable[Tensor], count: int, shape: tuple[int, ...]) -> None:
     """Write uint8 `batches` (`[b, *shape]` each, `count` images in all) atomically to `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        crc, written = 0, 0
-        with os.fdopen(fd, "wb") as f:
-            f.write(b"\0" * HEADER_BYTES)
-            for batch in batches:
-                if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != tuple(shape):
-                    raise CacheError(f"cache batch is {batch.dtype} {tuple(batch.shape)}, need uint8 [b, {shape}]")
-                data = np.ascontiguousarray(batch.numpy())
-                crc = zlib.crc32(data, crc)
-                f.write(data)
-                written += len(batch)
-            if written != count:
-                raise CacheError(f"cache for {path.name} got {written} images, expected {count}")
-            header = {"format": FORMAT, "key": key, "count": count, "shape": list(shape), "dtype": "uint8",
-                      "data_bytes": count * int(np.prod(shape)), "crc32": crc}
-            blob = MAGIC + json.dumps(header).encode()
-            f.seek(0)
-            f.write(blob + b" " * (HEADER_BYTES - len(blob) - 1) + b"\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    crc, written = 0, 0
+    with atomic_open(path, "wb") as f:
+        f.write(b"\0" * HEADER_BYTES)
+        for batch in batches:
+            if batch.dtype != torch.uint8 or tuple(batch.shape[1:]) != tuple(shape):
+                raise CacheError(f"cache batch is {batch.dtype} {tuple(batch.shape)}, need uint8 [b, {shape}]")
+            data = np.ascontiguousarray(batch.numpy())
+            crc = zlib.crc32(data, crc)
+            f.write(data)
+            written += len(batch)
+        if written != count:
+            raise CacheError(f"cache for {path.name} got {written} images, expected {count}")
+        header = {"format": FORMAT, "key": key, "count": count, "shape": list(shape), "dtype": "uint8",
+                  "data_bytes": count * int(np.prod(shape)), "crc32": crc}
+        blob = MAGIC + json.dumps(header).encode()
+        f.seek(0)
+        f.write(blob + b" " * (HEADER_BYTES - len(blob) - 1) + b"\n")
 
 
 class _Decode(Dataset):

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from datetime import datetime, timezone
@@ -27,6 +26,7 @@ from tqdm.auto import tqdm
 
 from fpet.data.vtab import VTAB_SUBDIR
 from fpet.data.vtab_rules import LABEL_RULES, SPLITS, TaskSpec, split_size, vtab_image
+from fpet.fileio import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -96,9 +96,8 @@ def check_manual_files(task: TaskSpec, manual_dir: Path) -> None:
 
 
 def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        f.write(text)
 
 
 def export_split(task: TaskSpec, source: ExampleSource, split: str, task_dir: Path) -> list[tuple[str, int]]:
