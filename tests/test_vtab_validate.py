@@ -33,7 +33,8 @@ def test_every_problem_is_reported_not_just_the_first(tmp_path, validate_main, c
     lines[29] = "images/img0.jpg 4"
     (root / "train800.txt").write_text("\n".join(lines) + "\n")
     (root / "test.txt").write_text("".join(f"images/img{i % 5}.jpg 0\n" for i in range(700)))  # 11 short
-    (root / "images" / "img2.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    jpeg = (root / "images" / "img2.jpg").read_bytes()
+    (root / "images" / "img2.jpg").write_bytes(jpeg[: len(jpeg) * 2 // 3])  # truncated
     (root / "val200.txt").unlink()
 
     report = validate_task(tmp_path, TASKS["kitti_dist"])
@@ -43,7 +44,7 @@ def test_every_problem_is_reported_not_just_the_first(tmp_path, validate_main, c
     assert "train800.txt:30: label 4 of images/img0.jpg is outside [0, 4)" in text
     assert "test.txt: lists 700 images; VTAB-1K test of kitti_dist has 711" in text
     assert "val200.txt: list file val200.txt is missing" in text
-    assert "train800.txt:3: unreadable image" in text and "img2.jpg" in text  # first line that uses img2
+    assert "train800.txt:3: unreadable image" in text and "img2.jpg: OSError" in text
     assert report.counts["train800"] == 800  # malformed lines still count as lines
     assert len(report.problems) == 6
 
