@@ -148,6 +148,8 @@ class ImageCache:
         """Build the cache from `decode(i) -> uint8 [*shape]` (in `num_workers` processes) unless it is valid."""
         if self.is_valid():
             return
+        log.info("decoding %d images once into %s (%.0f MB)", self.count, self.path,
+                 self.count * np.prod(self.shape) / 2**20)
         loader = DataLoader(_Decode(decode, self.count), batch_size=32, num_workers=num_workers)
         bar = tqdm(total=self.count, desc=desc, unit="img", disable=None, dynamic_ncols=True)
         with bar:
