@@ -15,8 +15,9 @@ from conftest import FAST
 from fake_vtab import write_fake_task, write_jpeg
 from fpet.data import build_dataset, build_loaders
 from fpet.data.transforms import ToFloat
-from fpet.data.vtab import VTABDataError, VTABFolder, decode_image
+from fpet.data.vtab import VTABDataError, VTABFolder, check_task_files, decode_image
 from fpet.train import run
+from fpet.validate import ConfigError, validate_config
 
 VTAB_FAST = [o for o in FAST if not o.startswith("dataset.num_test")]  # num_test is the synthetic task's key
 SMALL = {"train800": 24, "val200": 8, "test": 12}
@@ -115,6 +116,17 @@ def test_missing_task_folder_says_where_it_looked_and_how_to_get_data(make_cfg, 
     assert "prepare_vtab.py --tasks cifar100" in message and "NOAH" in message
     with pytest.raises(VTABDataError, match="vtab-1k does not exist"):
         build_dataset(cfg.dataset, "test", tmp_path / "elsewhere")
+
+
+def test_run_checks_task_folder_and_lists_before_reading_anything(make_cfg, tmp_path):
+    root = write_fake_task(tmp_path, "kitti_dist", sizes=SMALL)
+    (root / "test.txt").unlink()
+    with pytest.raises(ConfigError, match=r"dataset=kitti_dist: .*test\.txt is missing \(dataset\.protocol=test"):
+        run(vtab_cfg(make_cfg, tmp_path, "dataset=kitti_dist"), tmp_path / "run")
+    assert check_task_files(vtab_cfg(make_cfg, tmp_path, "dataset=kitti_dist", "dataset.protocol=val").dataset,
+                            tmp_path) == []  # train800 -> val200 needs no test.txt
+    with pytest.raises(ConfigError, match=r"dataset=dtd: VTAB-1K task 'dtd' not found"):
+        validate_config(vtab_cfg(make_cfg, tmp_path, "dataset=dtd"))
 
 
 def test_missing_list_file(tmp_path):

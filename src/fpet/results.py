@@ -11,7 +11,7 @@ from typing import Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from fpet.fileio import atomic_open
+from fpet.fileio import atomic_open, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +27,13 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same directory, then rename: a kill never leaves half a file."""
     with atomic_open(path, "w") as f:
         json.dump(obj, f, indent=2, default=str)
+
+
+def _step_of(line: str) -> Optional[int]:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut by a kill
 
 
 def describe_device(device: torch.device) -> str:
@@ -80,6 +87,7 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
                                       f"{cfg.train.eval_every} epochs (official FPET code)"},
         "evals": fit.get("evals", []),
         "train_seconds": fit.get("train_seconds"),
+        "resumed_from_epoch": fit.get("resumed_from_epoch", 0),
         "efficiency": efficiency,
         "versions": {"fpet": __version__, "torch": torch.__version__, "timm": timm.__version__},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -111,6 +119,14 @@ class RunLogger:
         return wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.logger.get("group"),
                           name=name, mode=mode, dir=str(run_dir), reinit=True,
                           config=OmegaConf.to_container(cfg, resolve=True))
+
+    def truncate(self, last_step: int) -> None:
+        """Drop records after `last_step` (a resumed run re-runs the epoch that was interrupted)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _step_of(line) is not None and _step_of(line) <= last_step]
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in keep))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with self.path.open("a") as f:

@@ -9,6 +9,7 @@ periodic one (the official code's protocol).
 from __future__ import annotations
 
 import logging
+import os
 import random
 import time
 from pathlib import Path
@@ -27,7 +28,9 @@ from fpet.checkpoint import save_task
 from fpet.data import Loaders, build_loaders
 from fpet.model import build_model
 from fpet.profile import profile_model
+from fpet.resume import RollingCheckpoint, TrainState
 from fpet.results import RunLogger, build_results, format_summary, write_json_atomic
+from fpet.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -67,9 +70,16 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stops and keeps its last good rolling checkpoint."""
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
-                    bar: tqdm, amp: bool = False, limit_batches: Optional[int] = None) -> float:
-    """One pass over `loader` (at most `limit_batches` batches); returns the mean loss."""
+                    bar: tqdm, epoch: int, amp: bool = False, limit_batches: Optional[int] = None) -> float:
+    """One pass over `loader` (at most `limit_batches` batches); returns the mean loss.
+
+    Raises `NonFiniteLossError` (naming epoch, step and lr) before a non-finite loss can reach the weights.
+    """
     model.train()
     total, steps = 0.0, 0
     for images, labels in loader:
@@ -78,6 +88,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         with _autocast(device, amp):
             loss = F.cross_entropy(model(images), labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch + 1}, step {steps + 1} (lr "
+                f"{optimizer.param_groups[0]['lr']:.3e}); stopped before updating the weights. Lower "
+                f"optim.optimizer.lr or check the data; the last good rolling checkpoint is kept.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -88,45 +103,71 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     return total / max(steps, 1)
 
 
-def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.device,
-        logger: RunLogger) -> dict[str, Any]:
-    """Train for `train.epochs`; returns `acc`, `acc_best`, the evaluation history and the wall time."""
+def build_optimization(cfg: DictConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and the epoch-stepped cosine schedule, from `cfg.optim`."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optim.optimizer)(params=params)
-    scheduler = instantiate(cfg.optim.scheduler)(optimizer=optimizer)
-    epochs, every = int(cfg.train.epochs), int(cfg.train.eval_every)
+    return optimizer, instantiate(cfg.optim.scheduler)(optimizer=optimizer)
+
+
+def _progress_bar(cfg: DictConfig, loaders: Loaders, state: TrainState) -> tqdm:
     limit = cfg.train.get("limit_batches")
-    steps_per_epoch = min(len(loaders.train), limit) if limit else len(loaders.train)
-    evals: list[dict[str, float]] = []
-    start = time.perf_counter()
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train", unit="it", disable=not cfg.train.progress,
-               dynamic_ncols=True)
-    with bar:
-        for epoch in range(epochs):
-            lr = optimizer.param_groups[0]["lr"]
-            loss = train_one_epoch(model, loaders.train, optimizer, device, bar, cfg.train.amp, limit)
+    steps = min(len(loaders.train), limit) if limit else len(loaders.train)
+    return tqdm(total=int(cfg.train.epochs) * steps, initial=state.epoch * steps, desc="train", unit="it",
+                disable=not cfg.train.progress, dynamic_ncols=True)
+
+
+def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.device, logger: RunLogger,
+        run_dir: Path) -> dict[str, Any]:
+    """Train for `train.epochs`, resuming from `run_dir/last.ckpt` if an earlier attempt left one.
+
+    Returns `acc`, `acc_best`, the evaluation history and the training wall time.
+    """
+    optimizer, scheduler = build_optimization(cfg, model)
+    ckpt = RollingCheckpoint(run_dir / "last.ckpt", cfg)
+    state = ckpt.restore(model, optimizer, scheduler, loaders.train)
+    resumed_from = state.epoch
+    if state.epoch:
+        log.info("resuming from %s after epoch %d", ckpt.path, state.epoch)
+        logger.truncate(state.epoch)
+    epochs, every = int(cfg.train.epochs), int(cfg.train.eval_every)
+    with _progress_bar(cfg, loaders, state) as bar:
+        for epoch in range(state.epoch, epochs):
+            start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            loss = train_one_epoch(model, loaders.train, optimizer, device, bar, epoch, cfg.train.amp,
+                                   cfg.train.get("limit_batches"))
             scheduler.step(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr}
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
                 record["acc"] = evaluate(model, loaders.eval, device, cfg.train.amp)
-                evals.append({"epoch": epoch + 1, "acc": record["acc"]})
+                state.evals.append({"epoch": epoch + 1, "acc": record["acc"]})
                 bar.set_description(f"train (acc {record['acc']:.1f}%)")
+            state.epoch, state.train_seconds = epoch + 1, state.train_seconds + time.perf_counter() - start
+            ckpt.save(model, optimizer, scheduler, loaders.train, state)
             logger.log(record, step=epoch + 1)
             log.info("epoch %d/%d  loss %.4f  lr %.2e%s", epoch + 1, epochs, loss, lr,
                      f"  {loaders.eval_split} acc {record['acc']:.2f}%" if "acc" in record else "")
     return {
-        "acc": evals[-1]["acc"] if evals else None,
-        "acc_best": max(e["acc"] for e in evals) if evals else None,
-        "evals": evals,
-        "train_seconds": time.perf_counter() - start,
+        "acc": state.evals[-1]["acc"] if state.evals else None,
+        "acc_best": max(e["acc"] for e in state.evals) if state.evals else None,
+        "evals": state.evals,
+        "train_seconds": state.train_seconds,
         "train_split": loaders.train_split,
         "eval_split": loaders.eval_split,
+        "checkpoint": ckpt,
+        "resumed_from_epoch": resumed_from,
     }
 
 
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """One run from a composed config: returns the results record, also written to `run_dir/results.json`."""
+    """One run from a composed config: returns the results record, also written to `run_dir/results.json`.
+
+    The config is validated before any data is read or model built; an interrupted run resumes from its rolling
+    checkpoint; the checkpoint is removed once results.json is written (`train.keep_last_ckpt` keeps it).
+    """
+    validate_config(cfg)
     run_dir = Path(run_dir)
+    configure_determinism(cfg)
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     loaders = build_loaders(cfg)
@@ -134,16 +175,28 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("run dir %s | %s on %s | %d trainable parameters", run_dir, cfg.backbone.name, device,
              sum(p.numel() for p in model.parameters() if p.requires_grad))
     logger = RunLogger(cfg, run_dir)
+    results = None
     try:
-        fit_out = fit(model, loaders, cfg, device, logger)
+        fit_out = fit(model, loaders, cfg, device, logger, run_dir)
         storage = save_task(model, run_dir / "task.safetensors") if cfg.train.save_task else None
         efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes)
         results = build_results(cfg, fit_out, efficiency, storage, device)
         write_json_atomic(run_dir / "results.json", results)
+        if not cfg.train.get("keep_last_ckpt", False):
+            fit_out["checkpoint"].path.unlink(missing_ok=True)
     finally:
-        logger.finish(locals().get("results"))
+        logger.finish(results)
     print(format_summary(results, run_dir), flush=True)
     return results
+
+
+def configure_determinism(cfg: DictConfig) -> None:
+    """`train.deterministic=true` asks torch for deterministic kernels (CUDA runs repeat exactly, a bit slower);
+    CPU runs with the same seed repeat exactly either way."""
+    if cfg.train.get("deterministic", False):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
 
 
 def main(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> dict[str, Any]:

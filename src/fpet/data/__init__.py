@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader, Dataset
 from fpet.data.synthetic import SyntheticTask
 from fpet.data.transforms import ToFloat
 from fpet.data.vtab import build_vtab
-from fpet.data.vtab_rules import SPLITS
+from fpet.data.vtab_rules import SPLIT_SIZES, SPLITS
 
 PROTOCOLS = {"test": ("train800val200", "test"), "val": ("train800", "val200")}
 """dataset.protocol -> (training split, evaluation split). `test` is the paper's; `val` is for choosing
@@ -64,5 +64,5 @@ def build_loaders(cfg: DictConfig) -> Loaders:
     return Loaders(train, evaluation, train_split, eval_split)
 
 
-__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SyntheticTask", "build_dataset", "build_loaders",
-           "protocol_splits"]
+__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SPLIT_SIZES", "SyntheticTask", "build_dataset",
+           "build_loaders", "protocol_splits"]

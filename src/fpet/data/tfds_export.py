@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from fpet.data.vtab import VTAB_SUBDIR
 from fpet.data.vtab_rules import LABEL_RULES, SPLITS, TaskSpec, split_size, vtab_image
-from fpet.fileio import atomic_open
+from fpet.fileio import write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -95,11 +95,6 @@ def check_manual_files(task: TaskSpec, manual_dir: Path) -> None:
                                      f"{', '.join(str(manual_dir / m) for m in missing)}")
 
 
-def _write_text_atomic(path: Path, text: str) -> None:
-    with atomic_open(path, "w") as f:
-        f.write(text)
-
-
 def export_split(task: TaskSpec, source: ExampleSource, split: str, task_dir: Path) -> list[tuple[str, int]]:
     """Write the images of one split and its list file; returns `(relative path, label)` per image."""
     spec = task.split_spec(split)
@@ -122,7 +117,7 @@ def export_split(task: TaskSpec, source: ExampleSource, split: str, task_dir: Pa
         rows.append((rel, label))
     if len(rows) != expected:
         raise ExportError(f"{task.name}: {spec!r} yielded {len(rows)} examples, expected {expected}")
-    _write_text_atomic(task_dir / f"{split}.txt", "".join(f"{rel} {label}\n" for rel, label in rows))
+    write_text_atomic(task_dir / f"{split}.txt", "".join(f"{rel} {label}\n" for rel, label in rows))
     return rows
 
 
@@ -139,7 +134,7 @@ def _sha256(path: Path) -> str:
 def describe_task(task: TaskSpec, task_dir: Path, rows: Mapping[str, list[tuple[str, int]]]) -> dict[str, Any]:
     """The manifest entry of an exported task; also writes `sha256sums.txt` (one line per image)."""
     images = dict.fromkeys(rel for split in EXPORTED_SPLITS for rel, _ in rows[split])
-    _write_text_atomic(task_dir / SUMS, "".join(f"{_sha256(task_dir / rel)}  {rel}\n" for rel in images))
+    write_text_atomic(task_dir / SUMS, "".join(f"{_sha256(task_dir / rel)}  {rel}\n" for rel in images))
     splits = {}
     for split in SPLITS:
         labels = np.array([label for _, label in rows[split]])
@@ -184,13 +179,13 @@ def export_task(task: TaskSpec, root: Path, factory: SourceFactory, manual_dir: 
             _warn_sizes(task, source)
         rows[split] = export_split(task, source, split, task_dir)
     rows["train800val200"] = rows["train800"] + rows["val200"]
-    _write_text_atomic(task_dir / "train800val200.txt", "".join(f"{r} {lab}\n" for r, lab in rows["train800val200"]))
+    write_text_atomic(task_dir / "train800val200.txt", "".join(f"{r} {lab}\n" for r, lab in rows["train800val200"]))
     entry = describe_task(task, task_dir, rows)
     entry.update(tfds_version=source.version if source else None, seconds=round(time.perf_counter() - start, 1),
                  exported_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     manifest = load_manifest(root)
     manifest["tasks"][task.name] = entry
-    _write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    write_text_atomic(root / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
     return entry
 
 

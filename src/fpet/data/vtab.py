@@ -198,8 +198,7 @@ class VTABFolder(Dataset):
 
 def build_vtab(cfg: DictConfig, split: str, data_dir: Path, transform: Callable) -> VTABFolder:
     """`DATASET_KINDS["vtab"]`: the split of the task `cfg` (= `cfg.dataset`) under `data_dir`."""
-    folders = [cfg.folder, *cfg.get("aliases", []), cfg.name]
-    root = find_task_dir(data_dir, cfg.name, folders)
+    root = find_task_dir(data_dir, cfg.name, [cfg.folder, *cfg.get("aliases", []), cfg.name])
     cache_dir = None
     if cfg.get("cache", True):
         cache_dir = Path(cfg.get("cache_dir") or Path(data_dir) / "cache" / cfg.name)
@@ -207,5 +206,19 @@ def build_vtab(cfg: DictConfig, split: str, data_dir: Path, transform: Callable)
                       transform, cache_dir, int(cfg.get("num_workers", 0)))
 
 
-__all__ = ["Entry", "Problem", "VTABDataError", "VTABFolder", "build_vtab", "check_image", "decode_image",
-           "find_task_dir", "parse_list"]
+def check_task_files(cfg: DictConfig, data_dir: Path) -> list[str]:
+    """Up-front check (`fpet.validate.DATASET_CHECKS["vtab"]`): the task folder and the list files of the protocol's
+    splits exist. Cheap; `scripts/validate_vtab.py` checks the contents."""
+    from fpet.data import PROTOCOLS
+
+    try:
+        root = find_task_dir(data_dir, cfg.name, [cfg.folder, *cfg.get("aliases", []), cfg.name])
+    except VTABDataError as err:
+        return [f"dataset={cfg.name}: {err}"]
+    splits = PROTOCOLS.get(cfg.get("protocol"), ())
+    return [f"dataset={cfg.name}: {root / f'{s}.txt'} is missing (dataset.protocol={cfg.protocol} needs it). "
+            f"{how_to_get_data(cfg.name)}" for s in splits if not (root / f"{s}.txt").is_file()]
+
+
+__all__ = ["Entry", "Problem", "VTABDataError", "VTABFolder", "build_vtab", "check_image", "check_task_files",
+           "decode_image", "find_task_dir", "parse_list"]
