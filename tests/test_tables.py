@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
-import runpy
 import statistics
 from pathlib import Path
 from typing import Any, Optional
 
 import pytest
 
-from conftest import ROOT
+from fake_vtab import load_script
 from fpet.results import RESULT_KEYS
 from fpet.tables import VTAB_TASKS, build_study, load_runs, make_tables
 from fpet.tables.build import table1, table2, table3
@@ -182,22 +181,17 @@ def test_latex_escapes_and_gaps(tmp_path):
     assert r"71.0 $\pm$ 1.4" in tex
 
 
-def load_script(name: str):
-    """A script of scripts/ as a module (its main() callable in-process)."""
-    return runpy.run_path(str(ROOT / "scripts" / f"{name}.py"), run_name=f"scripts_{name}")
-
-
 def test_make_tables_cli(tmp_path, capsys):
     write_vtab(tmp_path / "res", "adaptformer")
-    load_script("make_tables")["main"]([str(tmp_path / "res"), "--acc", "acc", "--no-figures"])
+    load_script("make_tables").main([str(tmp_path / "res"), "--acc", "acc", "--no-figures"])
     assert "19/19 tasks" in capsys.readouterr().out and (tmp_path / "res" / "tables" / "tables.md").exists()
     assert "`acc` = after the last epoch" in (tmp_path / "res" / "tables" / "table2.md").read_text()
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_script("make_tables")["main"]([str(tmp_path / "nope")])
+        load_script("make_tables").main([str(tmp_path / "nope")])
 
 
 def test_benchmark_grid_writes_the_efficiency_table_with_gaps(tmp_path):
-    load_script("benchmark_grid")["main"](["--no-baselines", "--pets", "lora", "--merges", "none,nonexistent",
+    load_script("benchmark_grid").main(["--no-baselines", "--pets", "lora", "--merges", "none,nonexistent",
                                             "--out", str(tmp_path), "backbone=vit_micro", "bench.infer_batch=2",
                                             "bench.train_batch=2", "bench.repeats=1", "bench.warmup=0"])
     saved = json.loads((tmp_path / "efficiency.json").read_text())

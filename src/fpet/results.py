@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from fpet.fileio import atomic_open, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +25,8 @@ RESULT_KEYS = (
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same directory, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    """Write text through a temporary file and a rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
 
 
 def _step_of(line: str) -> Optional[int]:

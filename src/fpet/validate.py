@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from fpet.data import DATASET_KINDS, PROTOCOLS, SPLIT_SIZES
 from fpet.data.transforms import NORMALIZE_MODES
+from fpet.data.vtab import check_task_files
 from fpet.merge import MERGE_STRATEGIES
 from fpet.pet import PET_METHODS
 from fpet.pet.inject import TRAINABLE_MODES
@@ -137,7 +138,7 @@ def check_paths(cfg: DictConfig) -> list[str]:
     return errors
 
 
-DATASET_CHECKS: dict[str, Callable[[DictConfig, Path], list[str]]] = {}
+DATASET_CHECKS: dict[str, Callable[[DictConfig, Path], list[str]]] = {"vtab": check_task_files}
 """dataset.kind -> up-front check of its files (returns messages); registered by the data readers."""
 
 

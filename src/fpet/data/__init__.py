@@ -11,10 +11,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from fpet.data.synthetic import SyntheticTask
 from fpet.data.transforms import ToFloat
+from fpet.data.vtab import build_vtab
+from fpet.data.vtab_rules import SPLIT_SIZES, SPLITS
 
-SPLITS = ("train800", "val200", "train800val200", "test")
-SPLIT_SIZES = {"train800": 800, "val200": 200, "train800val200": 1000}
-"""Images in the VTAB-1K training splits (the test split's size depends on the task)."""
 PROTOCOLS = {"test": ("train800val200", "test"), "val": ("train800", "val200")}
 """dataset.protocol -> (training split, evaluation split). `test` is the paper's; `val` is for choosing
 hyper-parameters without touching the test set."""
@@ -27,7 +26,7 @@ def _synthetic(cfg: DictConfig, split: str, data_dir: Path, transform: Callable)
                          transform=transform)
 
 
-DATASET_KINDS: dict[str, DatasetBuilder] = {"synthetic": _synthetic}
+DATASET_KINDS: dict[str, DatasetBuilder] = {"synthetic": _synthetic, "vtab": build_vtab}
 
 
 class Loaders(NamedTuple):
@@ -65,5 +64,5 @@ def build_loaders(cfg: DictConfig) -> Loaders:
     return Loaders(train, evaluation, train_split, eval_split)
 
 
-__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SPLIT_SIZES", "SyntheticTask", "build_dataset", "build_loaders",
-           "protocol_splits"]
+__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SPLIT_SIZES", "SyntheticTask", "build_dataset",
+           "build_loaders", "protocol_splits"]
