@@ -36,6 +36,25 @@ def _step_of(line: str) -> Optional[int]:
         return None  # a line cut by a kill
 
 
+def load_complete_results(run_dir: str | Path) -> Optional[dict[str, Any]]:
+    """The results record in `run_dir` when that run finished, else None.
+
+    Finished = `results.json` parses, says `"complete": true` and has every key of RESULT_KEYS; a missing,
+    truncated or partial file means the run must be (re-)trained.
+    """
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("ignoring unreadable %s (%s); the run will be trained again", path, err)
+        return None
+    if not isinstance(results, dict) or results.get("complete") is not True or not set(RESULT_KEYS) <= results.keys():
+        return None
+    return results
+
+
 def describe_device(device: torch.device) -> str:
     """Human-readable hardware name, e.g. 'NVIDIA H200' or 'cpu: AMD EPYC 7763 (2 threads)'."""
     if device.type == "cuda":

@@ -200,9 +200,24 @@ def configure_determinism(cfg: DictConfig) -> None:
 
 
 def main(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> dict[str, Any]:
-    """Entry point used by `train.py`: the Hydra run dir unless one is given."""
+    """Entry point used by `train.py`: the Hydra run dir unless one is given.
+
+    A run dir that already holds a finished run of the same config is not trained again (`train.skip_finished`,
+    default true): its stored results are returned, so a re-launched sweep resumes where it stopped. In a multirun
+    on a machine with several GPUs, `device=auto` gives each run a GPU of its own (fpet.sweep.claim_device).
+    """
+    from fpet.sweep import claim_device, finished_results
+
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
-    return run(cfg, run_dir)
+    if cfg.train.get("skip_finished", True) and not cfg.get("eval_only", False):
+        done = finished_results(cfg, run_dir)
+        if done is not None:
+            log.info("skipping finished run: %s (train.skip_finished=false trains it again)",
+                     Path(run_dir) / "results.json")
+            return done
+    with claim_device(cfg) as device:
+        cfg.device = device
+        return run(cfg, run_dir)
