@@ -71,8 +71,9 @@ def describe_device(device: torch.device) -> str:
 
 
 def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, Any], storage_bytes: Optional[int],
-                  device: torch.device) -> dict[str, Any]:
-    """The results record of one run: the contract keys first, then details and the resolved config."""
+                  device: torch.device, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The results record of one run: the contract keys first, then details (and `extra`) and the resolved
+    config."""
     import timm
 
     from fpet import __version__
@@ -108,6 +109,7 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
         "train_seconds": fit.get("train_seconds"),
         "resumed_from_epoch": fit.get("resumed_from_epoch", 0),
         "efficiency": efficiency,
+        **(extra or {}),
         "versions": {"fpet": __version__, "torch": torch.__version__, "timm": timm.__version__},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
