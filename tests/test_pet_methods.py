@@ -12,6 +12,7 @@ from torch import nn
 from conftest import ROOT
 from fpet import build_model
 from fpet.config import compose_config
+from fpet.merge import MERGE_STRATEGIES
 from fpet.pet import PET_METHODS, PETLayer, RepAdapterNorm, set_trainable
 from fpet.pet.repadapter import GroupedLinear
 from fpet.vit import TokenViT
@@ -139,14 +140,16 @@ def one_step(model: nn.Module, images: torch.Tensor) -> float:
     return loss.item()
 
 
-@pytest.mark.parametrize("merge", ["none", "pair"])
+@pytest.mark.parametrize("merge", ["pair", *sorted(MERGE_STRATEGIES)])
 @pytest.mark.parametrize("pet", PETS)
 def test_every_pet_and_merge_builds_and_trains_one_step(make_cfg, images, pet, merge):
-    cfg = make_cfg(f"pet={pet}")
-    model = build_model(cfg)
     if merge == "pair":  # a test-only strategy at block 6 (197 -> 99 tokens)
-        model = TokenViT(model.vit, {6: PairMerge()})
+        cfg = make_cfg(f"pet={pet}")
+        model = TokenViT(build_model(cfg).vit, {6: PairMerge()})
         set_trainable(model, cfg.pet.trainable)
+    else:  # every registered strategy, by its config
+        cfg = make_cfg(f"pet={pet}", f"merge={merge}")
+        model = build_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert torch.isfinite(torch.tensor(one_step(model.train(), images)))
     changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
