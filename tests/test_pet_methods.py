@@ -12,6 +12,7 @@ from torch import nn
 from conftest import ROOT
 from fpet import build_model
 from fpet.config import compose_config
+from fpet.data.vtab_rules import TASKS
 from fpet.merge import MERGE_STRATEGIES
 from fpet.pet import PET_METHODS, PETLayer, RepAdapterNorm, set_trainable
 from fpet.pet.repadapter import GroupedLinear
@@ -20,11 +21,6 @@ from test_vit import PairMerge
 
 PETS = ["lora", "adaptformer", "repadapter", "bi_lora", "bi_adaptformer", "full", "linear"]
 HEAD = {"vit.head.weight", "vit.head.bias"}
-VTAB_TASKS = {
-    "cifar100", "caltech101", "dtd", "oxford_flowers102", "oxford_iiit_pet", "svhn", "sun397", "patch_camelyon",
-    "eurosat", "resisc45", "diabetic_retinopathy", "clevr_count", "clevr_dist", "dmlab", "kitti_dist",
-    "dsprites_loc", "dsprites_ori", "smallnorb_azi", "smallnorb_ele",
-}
 
 
 def trainable_names(model: nn.Module) -> set[str]:
@@ -119,6 +115,11 @@ def test_scale_is_chosen_from_task_and_method(make_cfg, pet, task, scale):
     assert layers and all(m.scale == scale for m in layers)
 
 
+@pytest.mark.parametrize("pet, scale", [("repadapter", 0.1), ("bi_lora", 0.1), ("bi_adaptformer", 0.1)])
+def test_scale_follows_the_real_task_config(pet, scale):
+    assert compose_config([f"pet={pet}", "dataset=cifar100"]).pet.scale == scale
+
+
 def test_explicit_scale_overrides_the_task_table(make_cfg):
     cfg = make_cfg("pet=repadapter", "dataset.name=cifar100", "pet.scale=0.5")
     assert all(m.scale == 0.5 for m in build_model(cfg).modules() if isinstance(m, PETLayer))
@@ -127,7 +128,7 @@ def test_explicit_scale_overrides_the_task_table(make_cfg):
 @pytest.mark.parametrize("pet", ["repadapter", "bi_lora", "bi_adaptformer"])
 def test_scale_tables_name_exactly_the_19_vtab_tasks(pet):
     scales = yaml.safe_load(Path(ROOT / "configs" / "pet" / f"{pet}.yaml").read_text())["scales"]
-    assert set(scales) == VTAB_TASKS  # a misspelt task would silently fall back to 1.0
+    assert set(scales) == set(TASKS)  # a misspelt task would silently fall back to 1.0
     assert all(isinstance(v, float) and v > 0 for v in scales.values())
 
 
