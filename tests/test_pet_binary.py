@@ -38,7 +38,7 @@ def test_every_1bit_matrix_takes_exactly_two_values_in_the_forward_pass(make_cfg
 
 @pytest.mark.parametrize("pet", ["bi_lora", "bi_adaptformer"])
 def test_gradients_reach_every_latent_fp32_weight(make_cfg, images, pet):
-    model = build_model(make_cfg(f"pet={pet}")).train()
+    model = build_model(make_cfg(f"pet={pet}")).eval()  # no drop-path: a dropped branch would get no gradient
     F.cross_entropy(model(images), torch.tensor([0, 1])).backward()
     layers = [m for m in model.modules() if isinstance(m, BinaryLinear)]
     assert all(m.weight.dtype == torch.float32 and m.weight.requires_grad for m in layers)
