@@ -20,6 +20,8 @@ from fpet.checkpoint import (load_task, pack_bits, save_task, task_metadata, tas
                              unpack_bits)
 from fpet.config import compose_config
 from fpet.pet import BinaryLinear
+from fpet.results import load_complete_results
+from fpet.tables.collect import load_runs
 from fpet.train import run
 from fpet.vit import TokenViT
 from test_pet_methods import PETS
@@ -176,6 +178,8 @@ def test_run_saves_the_task_and_eval_only_cli_reproduces_its_accuracy(make_cfg, 
     assert evaluated["reparameterized"] is True and evaluated["gflops"] == trained["gflops"]
     assert (evaluated["storage_bytes"], evaluated["storage_bytes_no_head"]) == \
         (trained["storage_bytes"], trained["storage_bytes_no_head"])
+    assert [run.path for run in load_runs(tmp_path)] == [str(train_dir / "results.json")]  # tables skip it
+    assert load_complete_results(train_dir / "eval") is None  # and a training run there is not skipped
 
 
 def test_eval_only_needs_a_checkpoint(make_cfg, tmp_path):

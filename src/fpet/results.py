@@ -40,7 +40,8 @@ def load_complete_results(run_dir: str | Path) -> Optional[dict[str, Any]]:
     """The results record in `run_dir` when that run finished, else None.
 
     Finished = `results.json` parses, says `"complete": true` and has every key of RESULT_KEYS; a missing,
-    truncated or partial file means the run must be (re-)trained.
+    truncated or partial file means the run must be (re-)trained, and so does an `eval_only` record (it evaluated
+    a task file; nothing was trained there).
     """
     path = Path(run_dir) / "results.json"
     try:
@@ -51,6 +52,8 @@ def load_complete_results(run_dir: str | Path) -> Optional[dict[str, Any]]:
         log.warning("ignoring unreadable %s (%s); the run will be trained again", path, err)
         return None
     if not isinstance(results, dict) or results.get("complete") is not True or not set(RESULT_KEYS) <= results.keys():
+        return None
+    if results.get("eval_only"):
         return None
     return results
 
