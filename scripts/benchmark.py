@@ -3,8 +3,9 @@
     python scripts/benchmark.py pet=adaptformer merge=fpet merge.layer=4 bench.infer_batch=64
 
 Takes the same overrides as train.py (backbone.checkpoint defaults to null: random init) plus bench.infer_batch,
-bench.train_batch, bench.repeats, bench.latency=false, bench.train=false. Prints a readable block, then the
-efficiency keys of results.json as one JSON object on the last stdout line.
+bench.train_batch, bench.repeats, bench.latency=false, bench.train=false. As in a training run, FLOPs and latency
+are those of the re-parameterised model (LoRA / Bi-LoRA / RepAdapter folded) unless eval.reparameterize=false.
+Prints a readable block, then the efficiency keys of results.json as one JSON object on the last stdout line.
 """
 import json
 import sys
@@ -16,9 +17,10 @@ import torch  # noqa: E402
 
 from fpet.config import compose_config  # noqa: E402
 from fpet.model import build_model  # noqa: E402
+from fpet.pet.reparam import inference_model  # noqa: E402
 from fpet.profile import profile_model  # noqa: E402
 from fpet.results import describe_device  # noqa: E402
-from fpet.train import resolve_device, seed_everything  # noqa: E402
+from fpet.train import reparameterize_enabled, resolve_device, seed_everything  # noqa: E402
 
 
 def benchmark(overrides: list[str]) -> dict:
@@ -30,7 +32,9 @@ def benchmark(overrides: list[str]) -> dict:
     out = {"backbone": cfg.backbone.name, "pet": cfg.pet.name, "merge": cfg.merge.name,
            "merge_layer": cfg.merge.get("layer"), "merge_r": cfg.merge.get("r"),
            "merge_split": cfg.merge.get("split")}
-    out.update(profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes))
+    infer, reparam = inference_model(model, reparameterize_enabled(cfg))
+    out.update(profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer))
+    out["reparameterized"] = reparam.reparameterized
     out["device"] = describe_device(device)
     return out
 

@@ -40,7 +40,8 @@ def load_complete_results(run_dir: str | Path) -> Optional[dict[str, Any]]:
     """The results record in `run_dir` when that run finished, else None.
 
     Finished = `results.json` parses, says `"complete": true` and has every key of RESULT_KEYS; a missing,
-    truncated or partial file means the run must be (re-)trained.
+    truncated or partial file means the run must be (re-)trained, and so does an `eval_only` record (it evaluated
+    a task file; nothing was trained there).
     """
     path = Path(run_dir) / "results.json"
     try:
@@ -51,6 +52,8 @@ def load_complete_results(run_dir: str | Path) -> Optional[dict[str, Any]]:
         log.warning("ignoring unreadable %s (%s); the run will be trained again", path, err)
         return None
     if not isinstance(results, dict) or results.get("complete") is not True or not set(RESULT_KEYS) <= results.keys():
+        return None
+    if results.get("eval_only"):
         return None
     return results
 
@@ -71,8 +74,9 @@ def describe_device(device: torch.device) -> str:
 
 
 def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, Any], storage_bytes: Optional[int],
-                  device: torch.device) -> dict[str, Any]:
-    """The results record of one run: the contract keys first, then details and the resolved config."""
+                  device: torch.device, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The results record of one run: the contract keys first, then details (and `extra`) and the resolved
+    config."""
     import timm
 
     from fpet import __version__
@@ -108,6 +112,7 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
         "train_seconds": fit.get("train_seconds"),
         "resumed_from_epoch": fit.get("resumed_from_epoch", 0),
         "efficiency": efficiency,
+        **(extra or {}),
         "versions": {"fpet": __version__, "torch": torch.__version__, "timm": timm.__version__},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": True,

@@ -8,25 +8,27 @@ periodic one (the official code's protocol).
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fpet.checkpoint import save_task
+from fpet.checkpoint import load_task, save_task, task_metadata, task_storage_bytes
 from fpet.data import Loaders, build_loaders
 from fpet.model import build_model
+from fpet.pet.reparam import inference_model
 from fpet.profile import profile_model
 from fpet.resume import RollingCheckpoint, TrainState
 from fpet.results import RunLogger, build_results, format_summary, write_json_atomic
@@ -118,10 +120,11 @@ def _progress_bar(cfg: DictConfig, loaders: Loaders, state: TrainState) -> tqdm:
 
 
 def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.device, logger: RunLogger,
-        run_dir: Path) -> dict[str, Any]:
+        run_dir: Path, final_model: Optional[Callable[[nn.Module], nn.Module]] = None) -> dict[str, Any]:
     """Train for `train.epochs`, resuming from `run_dir/last.ckpt` if an earlier attempt left one.
 
-    Returns `acc`, `acc_best`, the evaluation history and the training wall time.
+    Returns `acc`, `acc_best`, the evaluation history and the training wall time. The evaluation after the last
+    epoch runs on `final_model(model)` when given (the re-parameterised copy).
     """
     optimizer, scheduler = build_optimization(cfg, model)
     ckpt = RollingCheckpoint(run_dir / "last.ckpt", cfg)
@@ -139,7 +142,8 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
             scheduler.step(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr}
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
-                record["acc"] = evaluate(model, loaders.eval, device, cfg.train.amp)
+                last = epoch + 1 == epochs and final_model is not None
+                record["acc"] = evaluate(final_model(model) if last else model, loaders.eval, device, cfg.train.amp)
                 state.evals.append({"epoch": epoch + 1, "acc": record["acc"]})
                 bar.set_description(f"train (acc {record['acc']:.1f}%)")
             state.epoch, state.train_seconds = epoch + 1, state.train_seconds + time.perf_counter() - start
@@ -159,6 +163,11 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
     }
 
 
+def reparameterize_enabled(cfg: DictConfig) -> bool:
+    """`eval.reparameterize` (default true): evaluate and time the folded model."""
+    return bool(OmegaConf.select(cfg, "eval.reparameterize", default=True))
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """One run from a composed config: returns the results record, also written to `run_dir/results.json`.
 
@@ -166,6 +175,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     checkpoint; the checkpoint is removed once results.json is written (`train.keep_last_ckpt` keeps it).
     """
     validate_config(cfg)
+    if cfg.get("eval_only"):
+        return evaluate_checkpoint(cfg, run_dir)
     run_dir = Path(run_dir)
     configure_determinism(cfg)
     seed_everything(int(cfg.seed))
@@ -177,16 +188,49 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     logger = RunLogger(cfg, run_dir)
     results = None
     try:
-        fit_out = fit(model, loaders, cfg, device, logger, run_dir)
-        storage = save_task(model, run_dir / "task.safetensors") if cfg.train.save_task else None
-        efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes)
-        results = build_results(cfg, fit_out, efficiency, storage, device)
+        fold = reparameterize_enabled(cfg)
+        fit_out = fit(model, loaders, cfg, device, logger, run_dir, lambda m: inference_model(m, fold)[0])
+        info = task_metadata(cfg, model)
+        storage = save_task(model, run_dir / "task.safetensors", info) if cfg.train.save_task else None
+        infer, reparam = inference_model(model, fold)
+        efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer)
+        extra = {"reparameterized": reparam.reparameterized,
+                 "storage_bytes_no_head": task_storage_bytes(model, False, info) if storage else None}
+        results = build_results(cfg, fit_out, efficiency, storage, device, extra)
         write_json_atomic(run_dir / "results.json", results)
         if not cfg.train.get("keep_last_ckpt", False):
             fit_out["checkpoint"].path.unlink(missing_ok=True)
     finally:
         logger.finish(results)
     print(format_summary(results, run_dir), flush=True)
+    return results
+
+
+def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """`eval_only=true checkpoint=PATH`: the backbone of `cfg` plus a task file -> eval-split accuracy, profile,
+    results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
+    if not cfg.get("checkpoint"):
+        raise ValueError("eval_only=true needs checkpoint=PATH (the task.safetensors a training run wrote)")
+    run_dir = Path(run_dir)
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    loaders = build_loaders(cfg)
+    model = build_model(cfg)
+    info = load_task(model, cfg.checkpoint, task_metadata(cfg, model))
+    model.to(device)
+    infer, reparam = inference_model(model, reparameterize_enabled(cfg))
+    acc = evaluate(infer, loaders.eval, device, cfg.train.amp)
+    fit_out = {"acc": acc, "acc_best": None, "evals": [{"epoch": None, "acc": acc}], "train_split": None,
+               "eval_split": loaders.eval_split}
+    efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer)
+    extra = {"reparameterized": reparam.reparameterized, "eval_only": True, "checkpoint": str(cfg.checkpoint),
+             "storage_bytes_no_head": task_storage_bytes(model, False, info)}
+    results = build_results(cfg, fit_out, efficiency, Path(cfg.checkpoint).stat().st_size, device, extra)
+    out = run_dir / "results.json"
+    if out.exists() and not json.loads(out.read_text()).get("eval_only"):
+        out = run_dir / "eval" / "results.json"  # never overwrite the training run's results
+    write_json_atomic(out, results)
+    print(format_summary(results, out.parent), flush=True)
     return results
 
 

@@ -168,6 +168,9 @@ def load_runs(root: str | Path) -> list[Run]:
         if not isinstance(results, dict) or results.get("complete") is not True:
             log.warning("skipping unfinished %s", path)
             continue
+        if results.get("eval_only"):  # a re-evaluation of a task file (train.py eval_only=true), not a run
+            log.info("skipping eval-only %s", path)
+            continue
         runs.append(run_from_results(results, str(path)))
     return runs
 
