@@ -147,8 +147,8 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
                 state.evals.append({"epoch": epoch + 1, "acc": record["acc"]})
                 bar.set_description(f"train (acc {record['acc']:.1f}%)")
             state.epoch, state.train_seconds = epoch + 1, state.train_seconds + time.perf_counter() - start
+            logger.log(record, step=epoch + 1)  # before the checkpoint: a resume cuts lines after its epoch
             ckpt.save(model, optimizer, scheduler, loaders.train, state)
-            logger.log(record, step=epoch + 1)
             log.info("epoch %d/%d  loss %.4f  lr %.2e%s", epoch + 1, epochs, loss, lr,
                      f"  {loaders.eval_split} acc {record['acc']:.2f}%" if "acc" in record else "")
     return {
