@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -54,13 +54,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def to_device(batch: tuple[Tensor, Tensor], device: torch.device, preprocess: Optional[Callable]
+              ) -> tuple[Tensor, Tensor]:
+    """Move a loader batch to `device`, then turn its uint8 images into float model input there."""
+    images, labels = batch
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return (preprocess(images) if preprocess is not None else images), labels
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
+             preprocess: Optional[Callable] = None) -> float:
     """Top-1 accuracy in % over `loader`."""
     model.eval()
     correct = total = 0
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in loader:
+        images, labels = to_device(batch, device, preprocess)
         with _autocast(device, amp):
             logits = model(images)
         correct += (logits.argmax(dim=-1) == labels).sum().item()
@@ -77,17 +86,18 @@ class NonFiniteLossError(FloatingPointError):
 
 
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
-                    bar: tqdm, epoch: int, amp: bool = False, limit_batches: Optional[int] = None) -> float:
+                    bar: tqdm, epoch: int, amp: bool = False, limit_batches: Optional[int] = None,
+                    preprocess: Optional[Callable] = None) -> float:
     """One pass over `loader` (at most `limit_batches` batches); returns the mean loss.
 
     Raises `NonFiniteLossError` (naming epoch, step and lr) before a non-finite loss can reach the weights.
     """
     model.train()
     total, steps = 0.0, 0
-    for images, labels in loader:
+    for batch in loader:
         if limit_batches is not None and steps >= limit_batches:
             break
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = to_device(batch, device, preprocess)
         with _autocast(device, amp):
             loss = F.cross_entropy(model(images), labels)
         if not torch.isfinite(loss):
@@ -138,12 +148,13 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
         for epoch in range(state.epoch, epochs):
             start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
             loss = train_one_epoch(model, loaders.train, optimizer, device, bar, epoch, cfg.train.amp,
-                                   cfg.train.get("limit_batches"))
+                                   cfg.train.get("limit_batches"), loaders.preprocess)
             scheduler.step(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr}
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
                 last = epoch + 1 == epochs and final_model is not None
-                record["acc"] = evaluate(final_model(model) if last else model, loaders.eval, device, cfg.train.amp)
+                record["acc"] = evaluate(final_model(model) if last else model, loaders.eval, device,
+                                         cfg.train.amp, loaders.preprocess)
                 state.evals.append({"epoch": epoch + 1, "acc": record["acc"]})
                 bar.set_description(f"train (acc {record['acc']:.1f}%)")
             state.epoch, state.train_seconds = epoch + 1, state.train_seconds + time.perf_counter() - start
@@ -219,7 +230,7 @@ def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     info = load_task(model, cfg.checkpoint, task_metadata(cfg, model))
     model.to(device)
     infer, reparam = inference_model(model, reparameterize_enabled(cfg))
-    acc = evaluate(infer, loaders.eval, device, cfg.train.amp)
+    acc = evaluate(infer, loaders.eval, device, cfg.train.amp, loaders.preprocess)
     fit_out = {"acc": acc, "acc_best": None, "evals": [{"epoch": None, "acc": acc}], "train_split": None,
                "eval_split": loaders.eval_split}
     efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer)
