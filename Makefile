@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install demo test test-all bench clean
+.PHONY: help install install-prepare demo test test-all bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -17,6 +17,9 @@ $(PY):
 install: $(PY)  ## create .venv and install the pinned requirements + the fpet package (editable)
 	$(PY) -m pip install -r requirements.txt
 	$(PY) -m pip install --no-deps -e .
+
+install-prepare: $(PY)  ## optional: tensorflow-datasets + backend for scripts/prepare_vtab.py (not needed to train or test)
+	$(PY) -m pip install -r requirements-prepare.txt
 
 demo:  ## train LoRA on the embedded synthetic task with vit_micro (CPU, < 3 min) and print a summary
 	$(PY) scripts/demo.py

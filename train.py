@@ -13,6 +13,12 @@ from omegaconf import DictConfig
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT / "src"))  # this checkout's code, even beside another editable install
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
+# ... in the processes the joblib / submitit launchers start for a sweep, too
+os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
+
+from fpet.sweep import register_resolvers  # noqa: E402
+
+register_resolvers()  # ${fpet.num_gpus:} in configs/hydra/launcher/local.yaml
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")

@@ -4,7 +4,9 @@
     python scripts/compare.py --variant merge=none --variant merge=fpet --variant "merge=fpet merge.layer=4" \\
         -- pet=lora bench.train=false
 
-Every variant is built once (random init, same seed, no data). Latency, training step and (with
+Every variant is built once (random init, same seed, no data); as in a training run, FLOPs, latency and merge
+time are those of the re-parameterised model (LoRA / Bi-LoRA / RepAdapter folded; `eval.reparameterize=false`
+measures the unfolded one), training that of the model as trained. Latency, training step and (with
 bench.merge_time=true, the default here) the time inside the merge modules are measured in `--rounds`
 interleaved rounds: each part for every variant back to back, the variant order rotated each round. A figure is
 the median over rounds, a ratio the median of the per-round ratios against the first variant, so drift on a
@@ -16,17 +18,20 @@ import json
 import statistics
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from fpet.config import compose_config  # noqa: E402
 from fpet.merge.timing import measure_merge_time  # noqa: E402
 from fpet.model import build_model  # noqa: E402
+from fpet.pet.reparam import inference_model  # noqa: E402
 from fpet.profile import count_flops, count_tokens_out, measure_latency, measure_training  # noqa: E402
 from fpet.results import describe_device  # noqa: E402
-from fpet.train import resolve_device, seed_everything  # noqa: E402
+from fpet.train import reparameterize_enabled, resolve_device, seed_everything  # noqa: E402
 
 DEFAULT_VARIANTS = ("merge=none", "merge=tome", "merge=bsm", "merge=fpet")
 TIMED = ("latency_ms", "train_s_per_iter", "train_act_mb", "peak_mem_mb", "merge_ms", "merge_frac")
@@ -36,51 +41,66 @@ RATIOS = ("gflops", "latency_ms", "train_s_per_iter", "train_act_mb", "peak_mem_
 PARTS = ("latency", "train", "merge_time")
 
 
-def measure_part(model: torch.nn.Module, cfg, part: str) -> dict:
-    """One timed part (`latency`, `train` or `merge_time`) of `model` under `cfg.bench`; {} when switched off."""
-    bench, img = cfg.bench, cfg.backbone.img_size
+class Variant(NamedTuple):
+    """A built variant: the trained-form model, its inference form (PET folded), config, fixed figures, samples."""
+
+    model: torch.nn.Module
+    infer: torch.nn.Module
+    cfg: DictConfig
+    row: dict
+    samples: list
+
+
+def build_variant(variant: str, common: list[str]) -> Variant:
+    """Build one variant (random init) and measure what does not change: tokens and FLOPs of its inference form."""
+    cfg = compose_config(["backbone.checkpoint=null", "bench.merge_time=true", *common, *variant.split()])
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    model = build_model(cfg).to(device)
+    infer, _ = inference_model(model, reparameterize_enabled(cfg))
+    img = cfg.backbone.img_size
+    row = {"variant": variant, "merge": cfg.merge.name, "tokens_out": count_tokens_out(infer, img, device),
+           "gflops": count_flops(infer, img, device), "device": describe_device(device)}
+    print(f"built {variant}: {row['gflops']:.3f} GFLOPs, {row['tokens_out']} tokens", file=sys.stderr, flush=True)
+    return Variant(model, infer, cfg, row, [])
+
+
+def measure_part(v: Variant, part: str) -> dict:
+    """One timed part (`latency`, `train` or `merge_time`) of a variant under its `cfg.bench`; {} when off.
+
+    Latency and merge time are those of the inference form (as in a training run), training that of the model.
+    """
+    bench, img = v.cfg.bench, v.cfg.backbone.img_size
     if not bench[part]:
         return {}
     if part == "latency":
-        return measure_latency(model, bench.infer_batch, img, bench.repeats, bench.warmup, bench.dtype)
+        return measure_latency(v.infer, bench.infer_batch, img, bench.repeats, bench.warmup, bench.dtype)
     if part == "train":
-        return measure_training(model, bench.train_batch, img, cfg.dataset.num_classes, bench.repeats, bench.warmup)
-    return measure_merge_time(model, bench.infer_batch, img, bench.repeats, bench.warmup)
+        return measure_training(v.model, bench.train_batch, img, v.cfg.dataset.num_classes, bench.repeats,
+                                bench.warmup)
+    return measure_merge_time(v.infer, bench.infer_batch, img, bench.repeats, bench.warmup)
 
 
 def compare(variants: list[str], common: list[str], rounds: int) -> list[dict]:
     """Build every variant, measure them in rotated rounds; returns one row per variant with medians and ratios."""
-    built = []
-    for variant in variants:
-        cfg = compose_config(["backbone.checkpoint=null", "bench.merge_time=true", *common, *variant.split()])
-        seed_everything(int(cfg.seed))
-        device = resolve_device(cfg.device)
-        model = build_model(cfg).to(device)
-        img = cfg.backbone.img_size
-        row = {"variant": variant, "merge": cfg.merge.name, "tokens_out": count_tokens_out(model, img, device),
-               "gflops": count_flops(model, img, device)}
-        built.append((model, cfg, row, []))
-        print(f"built {variant}: {row['gflops']:.3f} GFLOPs, {row['tokens_out']} tokens", file=sys.stderr, flush=True)
+    built = [build_variant(variant, common) for variant in variants]
     for r in range(rounds):  # each part of every variant back to back, the variant order rotated per round
-        for _, _, _, samples in built:
-            samples.append({})
+        for v in built:
+            v.samples.append({})
         for part in PARTS:
-            for model, cfg, row, samples in built[r % len(built):] + built[: r % len(built)]:
-                samples[-1].update(measure_part(model, cfg, part))
-        for _, _, row, samples in built:
-            print(f"round {r + 1}/{rounds} {row['variant']}: {samples[-1]}", file=sys.stderr, flush=True)
-    base_samples = built[0][3]
-    rows = []
-    for model, cfg, row, samples in built:
+            for v in built[r % len(built):] + built[: r % len(built)]:
+                v.samples[-1].update(measure_part(v, part))
+        for v in built:
+            print(f"round {r + 1}/{rounds} {v.row['variant']}: {v.samples[-1]}", file=sys.stderr, flush=True)
+    base = built[0]
+    for v in built:
         for key in TIMED:
-            row[key] = _median([s.get(key) for s in samples])
+            v.row[key] = _median([s.get(key) for s in v.samples])
         for key in RATIOS:  # per-round ratios against the base variant, then their median
-            row[f"{key}_ratio"] = _median([s[key] / b[key] if s.get(key) and b.get(key) else None
-                                           for s, b in zip(samples, base_samples)])
-        row["gflops_ratio"] = row["gflops"] / built[0][2]["gflops"]
-        row["device"] = describe_device(next(model.parameters()).device)
-        rows.append(row)
-    return rows
+            v.row[f"{key}_ratio"] = _median([s[key] / b[key] if s.get(key) and b.get(key) else None
+                                             for s, b in zip(v.samples, base.samples)])
+        v.row["gflops_ratio"] = v.row["gflops"] / base.row["gflops"]
+    return [v.row for v in built]
 
 
 def _median(values: list) -> float | None:

@@ -6,9 +6,9 @@
         backbone.checkpoint=data/weights/ViT-B_16.npz dataset=synthetic --out merge.png
 
 Overrides are those of train.py; the backbone is randomly initialised unless backbone.checkpoint is given. A task
-checkpoint (`task.safetensors` of a run) is loaded into every panel's model (PET, head and, where the strategy
-matches, merge parameters): pass the run's backbone/pet/dataset overrides. Without --image the picture is item
---index of the synthetic task's test split.
+checkpoint (`task.safetensors` of a run) gives every panel the run's PET and head (and, in the panel of the
+strategy it was trained with, its merge parameters and layer); pass the run's backbone/pet/dataset overrides.
+Without --image the picture is item --index of the synthetic task's test split.
 """
 import argparse
 import sys
@@ -25,7 +25,7 @@ from fpet.data import SyntheticTask  # noqa: E402
 from fpet.data.transforms import ToFloat  # noqa: E402
 from fpet.model import build_model  # noqa: E402
 from fpet.train import seed_everything  # noqa: E402
-from fpet.visualize import load_task_parameters, merge_groups, render_groups, save_panels  # noqa: E402
+from fpet.visualize import merge_groups, render_groups, save_panels, trained_model, with_merge  # noqa: E402
 
 
 def load_image(path: str | None, cfg, index: int) -> torch.Tensor:
@@ -43,16 +43,21 @@ def load_image(path: str | None, cfg, index: int) -> torch.Tensor:
 
 def visualize(overrides: list[str], merges: list[str], out: str, image_path: str | None = None,
               checkpoint: str | None = None, index: int = 0, seed: int = 0) -> Path:
-    """Build one model per merge strategy, track sources for one image, write the panels to `out`."""
+    """One model per merge strategy (sharing a trained checkpoint's PET and head if given), sources tracked for
+    one image, the panels written to `out`."""
     base = ["backbone.checkpoint=null", "logger=none", *overrides]
     image = load_image(image_path, compose_config(base), index)
     panels = [("input", image.permute(1, 2, 0).numpy())]
+    trained = trained_model(base, checkpoint) if checkpoint else None
     for merge in merges:
         cfg = compose_config([*base, f"merge={merge}"])
         seed_everything(int(cfg.seed))
-        model = build_model(cfg)
-        if checkpoint:
-            load_task_parameters(model, checkpoint)
+        if trained is None:
+            model = build_model(cfg)
+        elif trained[1].merge.name == merge:  # the strategy it was trained with: its trained merge parameters
+            model, cfg = trained
+        else:
+            model = with_merge(trained[0], cfg.merge)
         groups, tokens = merge_groups(model, ToFloat(cfg.dataset.get("normalize", "none"))(image))
         where = "every block" if cfg.merge.layer is None else f"block {cfg.merge.layer}"
         panels.append((f"{merge} ({where}): {tokens} tokens", render_groups(panels[0][1], groups, seed=seed)))

@@ -56,4 +56,7 @@ def test_protocols(make_cfg):
     assert (loaders.train_split, loaders.eval_split) == ("train800", "val200")
     assert len(loaders.train) == 800 // 64 and len(loaders.eval.dataset) == 200
     images, labels = next(iter(loaders.train))
-    assert images.dtype == torch.float32 and images.shape == (64, 3, 224, 224) and 0 <= images.min() <= images.max() <= 1
+    assert images.dtype == torch.uint8 and images.shape == (64, 3, 224, 224)  # converted on the device
+    x = loaders.preprocess(images)
+    assert x.dtype == torch.float32 and torch.equal(x, torch.stack([ToFloat()(img) for img in images]))
+    assert 0 <= x.min() <= x.max() <= 1

@@ -7,9 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from fpet import build_model
-from fpet.merge import (MERGE_STRATEGIES, BipartiteSoftMatching, FPETMerge, NeighbourPool,
+from fpet.merge import (BipartiteSoftMatching, FPETMerge, NeighbourPool,
                         bipartite_differentiable_matching, bipartite_soft_matching, checkerboard_split, stripe_split)
-from fpet.pet import PET_METHODS
 
 STRATEGIES = ("tome", "bsm", "fpet", "avgpool", "maxpool")
 
@@ -240,21 +239,6 @@ def test_merging_identical_tokens_returns_that_token(make_cfg, merge):
     assert size.sum() == 2 * 197
 
 
-@pytest.mark.parametrize("pet", sorted(PET_METHODS))
-@pytest.mark.parametrize("merge", sorted(MERGE_STRATEGIES))
-def test_every_merge_with_every_pet_trains_one_step(make_cfg, images, merge, pet):
-    model = build_model(make_cfg(f"merge={merge}", f"pet={pet}")).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
-    head = model.vit.head.weight.detach().clone()
-    loss = F.cross_entropy(model(images), torch.tensor([0, 1]))
-    loss.backward()
-    optimizer.step()
-    assert torch.isfinite(loss) and not torch.equal(head, model.vit.head.weight)
-    assert all(p.grad is not None for p in params)  # every trainable parameter is in the graph
-    assert all(p.requires_grad and p.grad.abs().sum() > 0 for p in model.merges.parameters())
-
-
 # ---------------------------------------------------------------- other grids and bad input
 
 @pytest.mark.parametrize("merge, tokens", [("fpet", 25), ("avgpool", 29), ("tome", 2), ("bsm", 26)])
@@ -267,17 +251,17 @@ def test_odd_7x7_grid_works(make_cfg, merge, tokens):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["merge=fpet", "merge.layer=12"], r"merge.layer=12 must be .* in 0\.\.11"),
+    (["merge=fpet", "merge.layer=12"], r"merge.layer=12 must be a block index in 0\.\.11"),
     (["merge=bsm", "merge.layer=-1"], r"merge.layer=-1"),
-    (["merge=tome", "merge.layer=[3,3]"], r"duplicates"),
+    (["merge=tome", "merge.layer=3.5"], r"merge.layer=3.5 .* null merges at every block"),
     (["merge=bsm", "merge.r=99"], r"merge.r=99 .* at most half of the 196 patch tokens"),
     (["merge=tome", "merge.r=0"], r"merge.r=0"),
     (["merge=bsm", "backbone.img_size=112"], r"merge.r=98 .* 49 patch tokens \(7x7 grid\)"),
     (["merge=fpet", "backbone.img_size=16"], r"1x1 patch grid .* only 0 token"),
     (["merge=fpet", "merge.r=8"], r"merge.r=8: merge=fpet merges every token of set A"),
     (["merge=fpet", "merge.layer=null"], r"merge=fpet merges at one block"),
-    (["merge=bsm", "merge.layer=[2,4]"], r"merge=bsm merges once"),
     (["merge=tome", "merge.split=checkerboard"], r"checkerboard needs the full patch grid"),
+    (["merge=avgpool", "merge.layer=null"], r"merge=avgpool merges at one block"),
     (["merge=bsm", "merge.split=diagonal"], r"merge.split='diagonal' is not one of"),
 ])
 def test_bad_merge_configs_are_clear_errors(make_cfg, overrides, message):

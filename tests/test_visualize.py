@@ -1,4 +1,4 @@
-"""Merge visualisation: groups from sources, the drawing, task-checkpoint loading, the command end to end."""
+"""Merge visualisation: groups from sources, the drawing, a trained task checkpoint, the command end to end."""
 from __future__ import annotations
 
 import sys
@@ -10,8 +10,8 @@ import torch
 
 from fpet import build_model
 from fpet.backbone import CheckpointError
-from fpet.checkpoint import save_task
-from fpet.visualize import load_task_parameters, patch_groups, render_groups
+from fpet.checkpoint import save_task, task_metadata
+from fpet.visualize import patch_groups, render_groups, trained_model, with_merge
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from visualize_merge import visualize  # noqa: E402
@@ -32,27 +32,34 @@ def test_groups_follow_sources_and_drawing_averages_each_group():
         render_groups(np.zeros((7, 8, 3), dtype=np.uint8), groups)
 
 
-def test_task_checkpoint_loads_into_fpet_and_skips_foreign_merge_parameters(make_cfg, tmp_path):
-    trained = build_model(make_cfg("merge=fpet", "pet=adaptformer"))
+def save_trained(make_cfg, path: Path, *overrides: str) -> torch.nn.Module:
+    """A model whose trainable parameters are all changed, saved as a task file."""
+    cfg = make_cfg(*overrides)
+    model = build_model(cfg)
     with torch.no_grad():
-        for p in trained.parameters():
+        for p in model.parameters():
             if p.requires_grad:
                 p.normal_()
+    save_task(model, path, task_metadata(cfg, model))
+    return model
+
+
+def test_trained_model_takes_merge_settings_from_the_file_and_shares_pet_across_strategies(make_cfg, tmp_path):
     path = tmp_path / "task.safetensors"
-    save_task(trained, path)
-    fpet = build_model(make_cfg("merge=fpet", "pet=adaptformer"))
-    loaded = load_task_parameters(fpet, path)
-    assert any(n.startswith("merges.6.refinement") for n in loaded)
-    assert all(torch.equal(fpet.get_parameter(n), trained.get_parameter(n)) for n in loaded)
-    tome = build_model(make_cfg("merge=tome", "pet=adaptformer"))
-    assert not any(n.startswith("merges.") for n in load_task_parameters(tome, path))
-    with pytest.raises(CheckpointError, match="same backbone=/pet=/dataset= overrides"):
-        load_task_parameters(build_model(make_cfg("merge=fpet", "pet=lora")), path)
+    saved = save_trained(make_cfg, path, "merge=fpet", "merge.layer=4", "pet=adaptformer")
+    model, cfg = trained_model(["backbone=vit_micro", "pet=adaptformer"], path)
+    assert cfg.merge.name == "fpet" and list(model.merges) == ["4"]
+    assert torch.equal(model.merges["4"].refinement.up.quantized_weight(),
+                       saved.merges["4"].refinement.up.quantized_weight())
+    assert torch.equal(model.vit.head.weight, saved.vit.head.weight)
+    tome = with_merge(model, make_cfg("merge=tome").merge)
+    assert tome.vit is model.vit and len(tome.merges) == 12
+    with pytest.raises(CheckpointError, match="pet=adaptformer"):
+        trained_model(["backbone=vit_micro", "pet=lora"], path)
 
 
 def test_visualize_writes_side_by_side_png(make_cfg, tmp_path):
-    trained = build_model(make_cfg("merge=fpet"))
-    save_task(trained, tmp_path / "task.safetensors")
+    save_trained(make_cfg, tmp_path / "task.safetensors", "merge=fpet")
     out = visualize(["backbone=vit_micro"], ["tome", "fpet"], str(tmp_path / "merge.png"),
                     checkpoint=str(tmp_path / "task.safetensors"))
     from PIL import Image

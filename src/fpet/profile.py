@@ -193,14 +193,20 @@ def _cuda_peak_step_mb(train_step: Callable[[], None], device: torch.device) -> 
     return torch.cuda.max_memory_allocated(device) / 2**20
 
 
-def profile_model(model: nn.Module, bench: DictConfig, img_size: int, num_classes: int) -> dict[str, Any]:
-    """Every efficiency key of results.json for `model` (on its current device); skipped parts are None."""
+def profile_model(model: nn.Module, bench: DictConfig, img_size: int, num_classes: int,
+                  infer_model: Optional[nn.Module] = None) -> dict[str, Any]:
+    """Every efficiency key of results.json for `model` (on its current device); skipped parts are None.
+
+    Parameters and training are measured on `model`; tokens, FLOPs and latency on `infer_model` when given (the
+    re-parameterised copy, `fpet.pet.inference_model`), else on `model`.
+    """
     device = next(model.parameters()).device
-    out: dict[str, Any] = {**count_parameters(model), "tokens_out": count_tokens_out(model, img_size, device)}
-    out["gflops"] = count_flops(model, img_size, device) if bench.get("flops", True) else None
+    infer = model if infer_model is None else infer_model
+    out: dict[str, Any] = {**count_parameters(model), "tokens_out": count_tokens_out(infer, img_size, device)}
+    out["gflops"] = count_flops(infer, img_size, device) if bench.get("flops", True) else None
     out.update({"latency_ms": None, "throughput": None, "infer_batch": None})
     if bench.latency:
-        out.update(measure_latency(model, bench.infer_batch, img_size, bench.repeats, bench.warmup, bench.dtype))
+        out.update(measure_latency(infer, bench.infer_batch, img_size, bench.repeats, bench.warmup, bench.dtype))
         out["infer_batch"] = bench.infer_batch
     out.update({"train_s_per_iter": None, "train_act_mb": None, "peak_mem_mb": None, "train_batch": None})
     if bench.train:

@@ -3,15 +3,15 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import platform
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from fpet.fileio import atomic_open, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -25,18 +25,37 @@ RESULT_KEYS = (
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON to a temporary file in the same directory, then rename: a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=2, default=str)
+
+
+def _step_of(line: str) -> Optional[int]:
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=2, default=str)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None  # a line cut by a kill
+
+
+def load_complete_results(run_dir: str | Path) -> Optional[dict[str, Any]]:
+    """The results record in `run_dir` when that run finished, else None.
+
+    Finished = `results.json` parses, says `"complete": true` and has every key of RESULT_KEYS; a missing,
+    truncated or partial file means the run must be (re-)trained, and so does an `eval_only` record (it evaluated
+    a task file; nothing was trained there).
+    """
+    path = Path(run_dir) / "results.json"
+    try:
+        results = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        log.warning("ignoring unreadable %s (%s); the run will be trained again", path, err)
+        return None
+    if not isinstance(results, dict) or results.get("complete") is not True or not set(RESULT_KEYS) <= results.keys():
+        return None
+    if results.get("eval_only"):
+        return None
+    return results
 
 
 def describe_device(device: torch.device) -> str:
@@ -55,8 +74,9 @@ def describe_device(device: torch.device) -> str:
 
 
 def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, Any], storage_bytes: Optional[int],
-                  device: torch.device) -> dict[str, Any]:
-    """The results record of one run: the contract keys first, then details and the resolved config."""
+                  device: torch.device, extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The results record of one run: the contract keys first, then details (and `extra`) and the resolved
+    config."""
     import timm
 
     from fpet import __version__
@@ -90,7 +110,9 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
                                       f"{cfg.train.eval_every} epochs (official FPET code)"},
         "evals": fit.get("evals", []),
         "train_seconds": fit.get("train_seconds"),
+        "resumed_from_epoch": fit.get("resumed_from_epoch", 0),
         "efficiency": efficiency,
+        **(extra or {}),
         "versions": {"fpet": __version__, "torch": torch.__version__, "timm": timm.__version__},
         "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": True,
@@ -121,6 +143,14 @@ class RunLogger:
         return wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.logger.get("group"),
                           name=name, mode=mode, dir=str(run_dir), reinit=True,
                           config=OmegaConf.to_container(cfg, resolve=True))
+
+    def truncate(self, last_step: int) -> None:
+        """Drop records after `last_step` (a resumed run re-runs the epoch that was interrupted)."""
+        if not self.path.exists():
+            return
+        keep = [line for line in self.path.read_text().splitlines()
+                if line.strip() and _step_of(line) is not None and _step_of(line) <= last_step]
+        write_text_atomic(self.path, "".join(f"{line}\n" for line in keep))
 
     def log(self, metrics: dict[str, Any], step: int) -> None:
         with self.path.open("a") as f:

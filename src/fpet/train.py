@@ -8,26 +8,31 @@ periodic one (the official code's protocol).
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig
-from torch import nn
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fpet.checkpoint import save_task
+from fpet.checkpoint import load_task, save_task, task_metadata, task_storage_bytes
 from fpet.data import Loaders, build_loaders
 from fpet.model import build_model
+from fpet.pet.reparam import inference_model
 from fpet.profile import profile_model
+from fpet.resume import RollingCheckpoint, TrainState
 from fpet.results import RunLogger, build_results, format_summary, write_json_atomic
+from fpet.validate import validate_config
 
 log = logging.getLogger(__name__)
 
@@ -49,13 +54,22 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def to_device(batch: tuple[Tensor, Tensor], device: torch.device, preprocess: Optional[Callable]
+              ) -> tuple[Tensor, Tensor]:
+    """Move a loader batch to `device`, then turn its uint8 images into float model input there."""
+    images, labels = batch
+    images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    return (preprocess(images) if preprocess is not None else images), labels
+
+
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False) -> float:
+def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
+             preprocess: Optional[Callable] = None) -> float:
     """Top-1 accuracy in % over `loader`."""
     model.eval()
     correct = total = 0
-    for images, labels in loader:
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+    for batch in loader:
+        images, labels = to_device(batch, device, preprocess)
         with _autocast(device, amp):
             logits = model(images)
         correct += (logits.argmax(dim=-1) == labels).sum().item()
@@ -67,17 +81,30 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite; the run stops and keeps its last good rolling checkpoint."""
+
+
 def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
-                    bar: tqdm, amp: bool = False, limit_batches: Optional[int] = None) -> float:
-    """One pass over `loader` (at most `limit_batches` batches); returns the mean loss."""
+                    bar: tqdm, epoch: int, amp: bool = False, limit_batches: Optional[int] = None,
+                    preprocess: Optional[Callable] = None) -> float:
+    """One pass over `loader` (at most `limit_batches` batches); returns the mean loss.
+
+    Raises `NonFiniteLossError` (naming epoch, step and lr) before a non-finite loss can reach the weights.
+    """
     model.train()
     total, steps = 0.0, 0
-    for images, labels in loader:
+    for batch in loader:
         if limit_batches is not None and steps >= limit_batches:
             break
-        images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        images, labels = to_device(batch, device, preprocess)
         with _autocast(device, amp):
             loss = F.cross_entropy(model(images), labels)
+        if not torch.isfinite(loss):
+            raise NonFiniteLossError(
+                f"loss is {loss.item()} at epoch {epoch + 1}, step {steps + 1} (lr "
+                f"{optimizer.param_groups[0]['lr']:.3e}); stopped before updating the weights. Lower "
+                f"optim.optimizer.lr or check the data; the last good rolling checkpoint is kept.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -88,45 +115,81 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     return total / max(steps, 1)
 
 
-def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.device,
-        logger: RunLogger) -> dict[str, Any]:
-    """Train for `train.epochs`; returns `acc`, `acc_best`, the evaluation history and the wall time."""
+def build_optimization(cfg: DictConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
+    """AdamW over the trainable parameters and the epoch-stepped cosine schedule, from `cfg.optim`."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = instantiate(cfg.optim.optimizer)(params=params)
-    scheduler = instantiate(cfg.optim.scheduler)(optimizer=optimizer)
-    epochs, every = int(cfg.train.epochs), int(cfg.train.eval_every)
+    return optimizer, instantiate(cfg.optim.scheduler)(optimizer=optimizer)
+
+
+def _progress_bar(cfg: DictConfig, loaders: Loaders, state: TrainState) -> tqdm:
     limit = cfg.train.get("limit_batches")
-    steps_per_epoch = min(len(loaders.train), limit) if limit else len(loaders.train)
-    evals: list[dict[str, float]] = []
-    start = time.perf_counter()
-    bar = tqdm(total=epochs * steps_per_epoch, desc="train", unit="it", disable=not cfg.train.progress,
-               dynamic_ncols=True)
-    with bar:
-        for epoch in range(epochs):
-            lr = optimizer.param_groups[0]["lr"]
-            loss = train_one_epoch(model, loaders.train, optimizer, device, bar, cfg.train.amp, limit)
+    steps = min(len(loaders.train), limit) if limit else len(loaders.train)
+    return tqdm(total=int(cfg.train.epochs) * steps, initial=state.epoch * steps, desc="train", unit="it",
+                disable=not cfg.train.progress, dynamic_ncols=True)
+
+
+def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.device, logger: RunLogger,
+        run_dir: Path, final_model: Optional[Callable[[nn.Module], nn.Module]] = None) -> dict[str, Any]:
+    """Train for `train.epochs`, resuming from `run_dir/last.ckpt` if an earlier attempt left one.
+
+    Returns `acc`, `acc_best`, the evaluation history and the training wall time. The evaluation after the last
+    epoch runs on `final_model(model)` when given (the re-parameterised copy).
+    """
+    optimizer, scheduler = build_optimization(cfg, model)
+    ckpt = RollingCheckpoint(run_dir / "last.ckpt", cfg)
+    state = ckpt.restore(model, optimizer, scheduler, loaders.train)
+    resumed_from = state.epoch
+    if state.epoch:
+        log.info("resuming from %s after epoch %d", ckpt.path, state.epoch)
+        logger.truncate(state.epoch)
+    epochs, every = int(cfg.train.epochs), int(cfg.train.eval_every)
+    with _progress_bar(cfg, loaders, state) as bar:
+        for epoch in range(state.epoch, epochs):
+            start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
+            loss = train_one_epoch(model, loaders.train, optimizer, device, bar, epoch, cfg.train.amp,
+                                   cfg.train.get("limit_batches"), loaders.preprocess)
             scheduler.step(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr}
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
-                record["acc"] = evaluate(model, loaders.eval, device, cfg.train.amp)
-                evals.append({"epoch": epoch + 1, "acc": record["acc"]})
+                last = epoch + 1 == epochs and final_model is not None
+                record["acc"] = evaluate(final_model(model) if last else model, loaders.eval, device,
+                                         cfg.train.amp, loaders.preprocess)
+                state.evals.append({"epoch": epoch + 1, "acc": record["acc"]})
                 bar.set_description(f"train (acc {record['acc']:.1f}%)")
-            logger.log(record, step=epoch + 1)
+            state.epoch, state.train_seconds = epoch + 1, state.train_seconds + time.perf_counter() - start
+            logger.log(record, step=epoch + 1)  # before the checkpoint: a resume cuts lines after its epoch
+            ckpt.save(model, optimizer, scheduler, loaders.train, state)
             log.info("epoch %d/%d  loss %.4f  lr %.2e%s", epoch + 1, epochs, loss, lr,
                      f"  {loaders.eval_split} acc {record['acc']:.2f}%" if "acc" in record else "")
     return {
-        "acc": evals[-1]["acc"] if evals else None,
-        "acc_best": max(e["acc"] for e in evals) if evals else None,
-        "evals": evals,
-        "train_seconds": time.perf_counter() - start,
+        "acc": state.evals[-1]["acc"] if state.evals else None,
+        "acc_best": max(e["acc"] for e in state.evals) if state.evals else None,
+        "evals": state.evals,
+        "train_seconds": state.train_seconds,
         "train_split": loaders.train_split,
         "eval_split": loaders.eval_split,
+        "checkpoint": ckpt,
+        "resumed_from_epoch": resumed_from,
     }
 
 
+def reparameterize_enabled(cfg: DictConfig) -> bool:
+    """`eval.reparameterize` (default true): evaluate and time the folded model."""
+    return bool(OmegaConf.select(cfg, "eval.reparameterize", default=True))
+
+
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """One run from a composed config: returns the results record, also written to `run_dir/results.json`."""
+    """One run from a composed config: returns the results record, also written to `run_dir/results.json`.
+
+    The config is validated before any data is read or model built; an interrupted run resumes from its rolling
+    checkpoint; the checkpoint is removed once results.json is written (`train.keep_last_ckpt` keeps it).
+    """
+    validate_config(cfg)
+    if cfg.get("eval_only"):
+        return evaluate_checkpoint(cfg, run_dir)
     run_dir = Path(run_dir)
+    configure_determinism(cfg)
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)
     loaders = build_loaders(cfg)
@@ -134,22 +197,82 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     log.info("run dir %s | %s on %s | %d trainable parameters", run_dir, cfg.backbone.name, device,
              sum(p.numel() for p in model.parameters() if p.requires_grad))
     logger = RunLogger(cfg, run_dir)
+    results = None
     try:
-        fit_out = fit(model, loaders, cfg, device, logger)
-        storage = save_task(model, run_dir / "task.safetensors") if cfg.train.save_task else None
-        efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes)
-        results = build_results(cfg, fit_out, efficiency, storage, device)
+        fold = reparameterize_enabled(cfg)
+        fit_out = fit(model, loaders, cfg, device, logger, run_dir, lambda m: inference_model(m, fold)[0])
+        info = task_metadata(cfg, model)
+        storage = save_task(model, run_dir / "task.safetensors", info) if cfg.train.save_task else None
+        infer, reparam = inference_model(model, fold)
+        efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer)
+        extra = {"reparameterized": reparam.reparameterized,
+                 "storage_bytes_no_head": task_storage_bytes(model, False, info) if storage else None}
+        results = build_results(cfg, fit_out, efficiency, storage, device, extra)
         write_json_atomic(run_dir / "results.json", results)
+        if not cfg.train.get("keep_last_ckpt", False):
+            fit_out["checkpoint"].path.unlink(missing_ok=True)
     finally:
-        logger.finish(locals().get("results"))
+        logger.finish(results)
     print(format_summary(results, run_dir), flush=True)
     return results
 
 
+def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
+    """`eval_only=true checkpoint=PATH`: the backbone of `cfg` plus a task file -> eval-split accuracy, profile,
+    results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
+    if not cfg.get("checkpoint"):
+        raise ValueError("eval_only=true needs checkpoint=PATH (the task.safetensors a training run wrote)")
+    run_dir = Path(run_dir)
+    seed_everything(int(cfg.seed))
+    device = resolve_device(cfg.device)
+    loaders = build_loaders(cfg)
+    model = build_model(cfg)
+    info = load_task(model, cfg.checkpoint, task_metadata(cfg, model))
+    model.to(device)
+    infer, reparam = inference_model(model, reparameterize_enabled(cfg))
+    acc = evaluate(infer, loaders.eval, device, cfg.train.amp, loaders.preprocess)
+    fit_out = {"acc": acc, "acc_best": None, "evals": [{"epoch": None, "acc": acc}], "train_split": None,
+               "eval_split": loaders.eval_split}
+    efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer)
+    extra = {"reparameterized": reparam.reparameterized, "eval_only": True, "checkpoint": str(cfg.checkpoint),
+             "storage_bytes_no_head": task_storage_bytes(model, False, info)}
+    results = build_results(cfg, fit_out, efficiency, Path(cfg.checkpoint).stat().st_size, device, extra)
+    out = run_dir / "results.json"
+    if out.exists() and not json.loads(out.read_text()).get("eval_only"):
+        out = run_dir / "eval" / "results.json"  # never overwrite the training run's results
+    write_json_atomic(out, results)
+    print(format_summary(results, out.parent), flush=True)
+    return results
+
+
+def configure_determinism(cfg: DictConfig) -> None:
+    """`train.deterministic=true` asks torch for deterministic kernels (CUDA runs repeat exactly, a bit slower);
+    CPU runs with the same seed repeat exactly either way."""
+    if cfg.train.get("deterministic", False):
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
 def main(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> dict[str, Any]:
-    """Entry point used by `train.py`: the Hydra run dir unless one is given."""
+    """Entry point used by `train.py`: the Hydra run dir unless one is given.
+
+    A run dir that already holds a finished run of the same config is not trained again (`train.skip_finished`,
+    default true): its stored results are returned, so a re-launched sweep resumes where it stopped. In a multirun
+    on a machine with several GPUs, `device=auto` gives each run a GPU of its own (fpet.sweep.claim_device).
+    """
+    from fpet.sweep import claim_device, finished_results
+
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 
         run_dir = HydraConfig.get().runtime.output_dir
-    return run(cfg, run_dir)
+    if cfg.train.get("skip_finished", True) and not cfg.get("eval_only", False):
+        done = finished_results(cfg, run_dir)
+        if done is not None:
+            log.info("skipping finished run: %s (train.skip_finished=false trains it again)",
+                     Path(run_dir) / "results.json")
+            return done
+    with claim_device(cfg) as device:
+        cfg.device = device
+        return run(cfg, run_dir)

@@ -10,9 +10,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fpet.backbone import CheckpointError
+from fpet.checkpoint import load_task, read_task_file, task_metadata
+from fpet.config import compose_config
+from fpet.merge import build_merges
+from fpet.model import build_model
+from fpet.vit import TokenViT
 
 
 def patch_groups(source: Tensor, num_prefix: int, grid: tuple[int, int]) -> np.ndarray:
@@ -61,31 +66,29 @@ def boundary_mask(labels: np.ndarray, width: int) -> np.ndarray:
     return edge
 
 
-def load_task_parameters(model: nn.Module, path: str | Path) -> list[str]:
-    """Copy a task checkpoint (`task.safetensors`: trainable parameters by `named_parameters()` name) into `model`.
+def trained_model(overrides: Sequence[str], checkpoint: str | Path) -> tuple[TokenViT, DictConfig]:
+    """`(model, cfg)`: the model a task checkpoint (a run's `task.safetensors`) was trained as, loaded strictly.
 
-    Merge parameters of another strategy (a ToMe model shown with an FPET checkpoint) are skipped; any other name
-    the model lacks, or a shape that differs, is an error. Returns the names loaded.
+    `overrides` give backbone, PET and dataset as for the training run; the merge strategy and its layer / r /
+    split come from the file. Loading goes through `fpet.checkpoint.load_task`, so a file for another backbone,
+    PET method or class count is refused with the override that fixes it.
     """
-    from safetensors.torch import load_file
+    info, _ = read_task_file(checkpoint)
+    merge = [f"merge={info['merge']}"] + [f"merge.{key}={_override_value(info.get(f'merge_{key}'))}"
+                                          for key in ("layer", "r", "split")]
+    cfg = compose_config([*overrides, *merge])
+    model = build_model(cfg)
+    load_task(model, checkpoint, task_metadata(cfg, model))
+    return model, cfg
 
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"task checkpoint {str(path)!r} does not exist (a run writes <run dir>/task.safetensors)")
-    state = load_file(str(path))
-    params = dict(model.named_parameters())
-    foreign = sorted(k for k in state if k not in params and not k.startswith("merges."))
-    wrong = [f"{k}: file {tuple(v.shape)} vs model {tuple(params[k].shape)}"
-             for k, v in state.items() if k in params and v.shape != params[k].shape]
-    if foreign or wrong:
-        raise CheckpointError(
-            f"{path} does not fit this model: {len(foreign)} unknown names {foreign[:3]}, {len(wrong)} shape "
-            f"mismatches {wrong[:3]}. Pass the same backbone=/pet=/dataset= overrides as the run that wrote it.")
-    loaded = [k for k in state if k in params]
-    with torch.no_grad():
-        for name in loaded:
-            params[name].copy_(state[name])
-    return loaded
+
+def with_merge(model: TokenViT, merge_cfg: DictConfig) -> TokenViT:
+    """`model`'s backbone, PET layers and head (shared, not copied) with the merge schedule of `merge_cfg`."""
+    return TokenViT(model.vit, build_merges(merge_cfg, model.vit), pre_logits=model.pre_logits)
+
+
+def _override_value(value: object) -> str:
+    return "null" if value is None else str(value)
 
 
 @torch.no_grad()

@@ -1,9 +1,12 @@
 """Datasets and loaders. A dataset kind maps `(cfg.dataset, split, data_dir, transform)` to a torch Dataset of
-`(image [3, H, W], label)`; the VTAB-1K folder reader registers itself here beside the synthetic task."""
+`(image [3, H, W], label)`; the VTAB-1K folder reader registers itself here beside the synthetic task.
+
+The loaders yield uint8 batches (`transform=None`); `Loaders.preprocess` turns a batch into float model input on
+the device it is moved to (see `fpet.data.transforms`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import Callable, NamedTuple, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -11,21 +14,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from fpet.data.synthetic import SyntheticTask
 from fpet.data.transforms import ToFloat
+from fpet.data.vtab import build_vtab
+from fpet.data.vtab_rules import SPLIT_SIZES, SPLITS
 
-SPLITS = ("train800", "val200", "train800val200", "test")
 PROTOCOLS = {"test": ("train800val200", "test"), "val": ("train800", "val200")}
 """dataset.protocol -> (training split, evaluation split). `test` is the paper's; `val` is for choosing
 hyper-parameters without touching the test set."""
 
-DatasetBuilder = Callable[[DictConfig, str, Path, Callable], Dataset]
+DatasetBuilder = Callable[[DictConfig, str, Path, Optional[Callable]], Dataset]
 
 
-def _synthetic(cfg: DictConfig, split: str, data_dir: Path, transform: Callable) -> Dataset:
+def _synthetic(cfg: DictConfig, split: str, data_dir: Path, transform: Optional[Callable]) -> Dataset:
     return SyntheticTask(split, img_size=cfg.img_size, num_test=cfg.num_test, data_seed=cfg.data_seed,
                          transform=transform)
 
 
-DATASET_KINDS: dict[str, DatasetBuilder] = {"synthetic": _synthetic}
+DATASET_KINDS: dict[str, DatasetBuilder] = {"synthetic": _synthetic, "vtab": build_vtab}
 
 
 class Loaders(NamedTuple):
@@ -33,6 +37,8 @@ class Loaders(NamedTuple):
     eval: DataLoader
     train_split: str
     eval_split: str
+    preprocess: ToFloat
+    """uint8 batch `[B, 3, H, W]` -> float model input, applied after moving the batch to its device."""
 
 
 def protocol_splits(protocol: str) -> tuple[str, str]:
@@ -42,11 +48,12 @@ def protocol_splits(protocol: str) -> tuple[str, str]:
     return PROTOCOLS[protocol]
 
 
-def build_dataset(cfg: DictConfig, split: str, data_dir: str | Path) -> Dataset:
-    """One split of `cfg` (= `cfg.dataset`) with the shared image transform."""
+def build_dataset(cfg: DictConfig, split: str, data_dir: str | Path,
+                  transform: Optional[Callable] = None) -> Dataset:
+    """One split of `cfg` (= `cfg.dataset`); uint8 images unless a `transform` (e.g. `ToFloat`) is given."""
     if cfg.kind not in DATASET_KINDS:
         raise ValueError(f"dataset.kind={cfg.kind!r} is not one of {sorted(DATASET_KINDS)}")
-    return DATASET_KINDS[cfg.kind](cfg, split, Path(data_dir), ToFloat(cfg.get("normalize", "none")))
+    return DATASET_KINDS[cfg.kind](cfg, split, Path(data_dir), transform)
 
 
 def build_loaders(cfg: DictConfig) -> Loaders:
@@ -60,8 +67,8 @@ def build_loaders(cfg: DictConfig) -> Loaders:
     train = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                        generator=generator, **common)
     evaluation = DataLoader(eval_set, batch_size=cfg.train.eval_batch_size, shuffle=False, **common)
-    return Loaders(train, evaluation, train_split, eval_split)
+    return Loaders(train, evaluation, train_split, eval_split, ToFloat(cfg.dataset.get("normalize", "none")))
 
 
-__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SyntheticTask", "build_dataset", "build_loaders",
-           "protocol_splits"]
+__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SPLIT_SIZES", "SyntheticTask", "build_dataset",
+           "build_loaders", "protocol_splits"]

@@ -1,6 +1,6 @@
 """From `cfg.merge` and a timm ViT to a merge schedule `{block index: strategy}`, with the config checked.
 
-Keys (configs/merge/*.yaml): `layer` (block index; ToMe also takes null = every block, or a list), `r` (ToMe/BSM:
+Keys (configs/merge/*.yaml): `layer` (block index; ToMe also takes null = every block), `r` (ToMe/BSM:
 tokens removed per merging layer), `split` (`stripe` | `checkerboard`), FPET's `stop_grad`, `refine_dim`,
 `refine_bits`, `size_grad`. The backbone's `merge_layer` (its middle block) is the default layer.
 """
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple, Optional
 
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig
 from torch import nn
 
 from fpet.merge.base import TokenMerge
@@ -33,19 +33,15 @@ def geometry(vit: nn.Module) -> Geometry:
 
 
 def resolve_layers(layer: Any, depth: int, name: str, every_block_if_none: bool = False) -> list[int]:
-    """`merge.layer` as a sorted list of block indices inside `0..depth - 1`."""
+    """`merge.layer` (a block index; null = every block where allowed) as a list of block indices."""
     if layer is None:
         if every_block_if_none:
             return list(range(depth))
         raise ValueError(f"merge={name} merges at one block: set merge.layer to a block index in 0..{depth - 1}")
-    layers = list(layer) if isinstance(layer, (list, tuple, ListConfig)) else [layer]
-    if not every_block_if_none and len(layers) != 1:
-        raise ValueError(f"merge={name} merges once, at one block; got merge.layer={layers}")
-    bad = [i for i in layers if not isinstance(i, int) or not 0 <= i < depth]
-    if bad or len(set(layers)) != len(layers):
-        raise ValueError(f"merge.layer={layer} must be distinct block indices in 0..{depth - 1} (this backbone has "
-                         f"{depth} blocks); {bad or 'duplicates'} is not")
-    return sorted(layers)
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth:
+        raise ValueError(f"merge.layer={layer} must be a block index in 0..{depth - 1} (this backbone has {depth} "
+                         f"blocks){'; null merges at every block' if every_block_if_none else ''}")
+    return [layer]
 
 
 def check_r(r: Optional[int], geo: Geometry, name: str) -> None:
@@ -62,12 +58,13 @@ def check_r(r: Optional[int], geo: Geometry, name: str) -> None:
 
 def _check_single_grid_split(cfg: DictConfig, layers: list[int]) -> None:
     if cfg.split == "checkerboard" and len(layers) > 1:
-        raise ValueError(f"merge.split=checkerboard needs the full patch grid, so it works at one merge layer only; "
-                         f"got merge.layer={layers}. Use merge.split=stripe to merge at several layers.")
+        raise ValueError("merge.split=checkerboard needs the full patch grid, so it works at one merge layer only; "
+                         "merge.layer=null merges at every block. Set merge.layer to one block or use "
+                         "merge.split=stripe.")
 
 
 def build_tome(cfg: DictConfig, vit: nn.Module) -> dict[int, TokenMerge]:
-    """`merge=tome`: `r` tokens at every block (`layer: null`) or at the listed blocks."""
+    """`merge=tome`: `r` tokens at every block (`layer: null`) or at one block."""
     geo = geometry(vit)
     layers = resolve_layers(cfg.layer, geo.depth, cfg.name, every_block_if_none=True)
     check_r(cfg.r, geo, cfg.name)

@@ -1,0 +1,98 @@
+"""Re-parameterised LoRA / Bi-LoRA / RepAdapter against the plain ViT, in one process: GFLOPs and latency.
+
+    python scripts/compare_reparam.py                                  # ViT-B/16, random init, batch 256
+    python scripts/compare_reparam.py --rounds 5 bench.infer_batch=16 bench.repeats=5 device=cpu
+
+Every variant is built from the same overrides (random init; PET branches get random non-zero weights so folding
+really changes the backbone's weights), then timed in `--rounds` interleaved rounds (the order rotates each
+round) and the median per variant is kept, so machine noise hits all variants alike. Prints a Markdown table and,
+on the last stdout line, a JSON object with per-variant GFLOPs / latency and the ratios to the plain ViT.
+"""
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fpet.config import compose_config  # noqa: E402
+from fpet.model import build_model  # noqa: E402
+from fpet.pet import PETLayer, inference_model  # noqa: E402
+from fpet.profile import count_flops, measure_latency  # noqa: E402
+from fpet.results import describe_device  # noqa: E402
+from fpet.train import resolve_device, seed_everything  # noqa: E402
+
+VARIANTS = {  # name -> (pet, fold)
+    "plain": ("linear", False),
+    "lora": ("lora", False),
+    "lora_folded": ("lora", True),
+    "bi_lora_folded": ("bi_lora", True),
+    "repadapter": ("repadapter", False),
+    "repadapter_folded": ("repadapter", True),
+}
+
+
+@torch.no_grad()
+def build_variant(pet: str, fold: bool, overrides: list[str], device: torch.device) -> nn.Module:
+    """The model of `pet` with random non-zero branches, folded when `fold`, in eval mode on `device`."""
+    cfg = compose_config(["backbone.checkpoint=null", f"pet={pet}", *overrides])
+    seed_everything(int(cfg.seed))
+    model = build_model(cfg)
+    for layer in model.modules():
+        if isinstance(layer, PETLayer):
+            for p in layer.pet_parameters():
+                p.normal_(0.0, 0.02)
+    if fold:
+        model, report = inference_model(model)
+        assert report.reparameterized and not report.kept, report
+    return model.to(device).eval()
+
+
+def compare(overrides: list[str], rounds: int) -> dict:
+    """GFLOPs and the median latency over `rounds` of every variant, with ratios to `plain`."""
+    cfg = compose_config(["backbone.checkpoint=null", *overrides])
+    device = resolve_device(cfg.device)
+    models = {name: build_variant(pet, fold, overrides, device) for name, (pet, fold) in VARIANTS.items()}
+    img = cfg.backbone.img_size
+    out = {name: {"gflops": count_flops(m, img, device), "latency_ms": []} for name, m in models.items()}
+    names = list(models)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            lat = measure_latency(models[name], cfg.bench.infer_batch, img, cfg.bench.repeats, cfg.bench.warmup,
+                                  cfg.bench.dtype)
+            out[name]["latency_ms"].append(lat["latency_ms"])
+    for row in out.values():
+        row["latency_ms"] = statistics.median(row["latency_ms"])
+    base = out["plain"]
+    for row in out.values():
+        row["latency_ratio"] = row["latency_ms"] / base["latency_ms"]
+        row["gflops_ratio"] = row["gflops"] / base["gflops"]
+    return {"backbone": cfg.backbone.name, "infer_batch": cfg.bench.infer_batch, "repeats": cfg.bench.repeats,
+            "rounds": rounds, "dtype": cfg.bench.dtype, "device": describe_device(device), "variants": out}
+
+
+def table(result: dict) -> str:
+    lines = ["| variant | GFLOPs | latency ms/img | latency / plain |", "|---|---|---|---|"]
+    for name, row in result["variants"].items():
+        lines.append(f"| {name} | {row['gflops']:.3f} | {row['latency_ms']:.3f} | {row['latency_ratio']:.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median kept)")
+    args, overrides = parser.parse_known_args()
+    torch.set_grad_enabled(False)
+    result = compare(overrides, args.rounds)
+    print(f"{result['backbone']}, batch {result['infer_batch']}, {result['rounds']} rounds x {result['repeats']} "
+          f"repeats, {result['dtype']}, on {result['device']}", file=sys.stderr)
+    print(table(result), file=sys.stderr)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""What a run needs to be one cell of a sweep: skip it when it already finished, give it a GPU of its own.
+
+Hydra's launchers do the scheduling (joblib on one machine, submitit on SLURM); this module only decides, inside a
+run, (1) whether the run dir already holds a finished run of the same config and (2) which GPU a run takes when
+several runs share a machine with several GPUs.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from fpet.results import load_complete_results
+from fpet.resume import config_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            out.update(_flatten(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: node}
+
+
+def _location(raw: Any) -> bool:
+    """A value interpolated from `paths` or the environment: where files are, not what the run computes."""
+    return isinstance(raw, str) and ("${paths." in raw or "${oc.env:" in raw)
+
+
+def config_differences(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """`key: stored -> current` for every value of the run fingerprint (fpet.resume.config_fingerprint: what
+    decides a run's numbers, so not devices, paths, logging or measurement settings) that differs.
+
+    Keys only one side has are not differences, so a config key added by a newer version of the code does not make
+    finished runs look stale; file locations (values interpolated from `paths`) do not count either.
+    """
+    old = _flatten(config_fingerprint(OmegaConf.create(stored)))
+    new = _flatten(config_fingerprint(cfg))
+    raw = _flatten(OmegaConf.to_container(cfg, resolve=False))
+    return [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items()
+            if key in old and old[key] != value and not _location(raw.get(key))]
+
+
+def finished_results(cfg: DictConfig, run_dir: str | Path) -> Optional[dict[str, Any]]:
+    """The stored results of `run_dir` when it holds a complete run of the same config, else None (train it).
+
+    A complete results.json made with a different config (e.g. a 1-epoch smoke test in the same output folder) is
+    not reused: the run trains again and overwrites it, with a warning naming the differences.
+    """
+    results = load_complete_results(run_dir)
+    if results is None:
+        return None
+    differences = config_differences(results.get("config", {}), cfg)
+    if differences:
+        log.warning("%s holds a finished run of another config (%s); training again and overwriting it",
+                    Path(run_dir) / "results.json", "; ".join(differences[:5]))
+        return None
+    return results
+
+
+def num_gpus(minimum: Any = 0) -> int:
+    """Visible CUDA devices, at least `minimum` (the `${fpet.num_gpus:1}` resolver of the launcher presets)."""
+    import torch
+
+    return max(int(minimum), torch.cuda.device_count())
+
+
+def register_resolvers() -> None:
+    """Register `${fpet.num_gpus:N}` (idempotent); train.py calls this before Hydra composes the config."""
+    if not OmegaConf.has_resolver("fpet.num_gpus"):
+        OmegaConf.register_new_resolver("fpet.num_gpus", num_gpus)
+
+
+def _multirun_job_num() -> Optional[int]:
+    """`hydra.job.num` inside a Hydra multirun job, else None."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return None
+    hydra_cfg = HydraConfig.get()
+    return int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
+def _lock_name(index: int) -> str:
+    """Lock file of visible GPU `index`, named by its physical id so sweeps with other CUDA_VISIBLE_DEVICES agree."""
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    physical = visible[index] if index < len(visible) else str(index)
+    return "gpu-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in physical) + ".lock"
+
+
+def _lock(path: Path, wait: bool) -> Optional[int]:
+    """An open file descriptor holding an exclusive `flock` on `path`, or None if another holder has it."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+@contextmanager
+def acquire_gpu(preferred: int, count: int, lock_dir: str | Path) -> Iterator[int]:
+    """Hold an exclusive lock on one of `count` GPUs for the duration of the block; yields its index.
+
+    Tries `preferred` first, then the others in order, without waiting; when all are taken (more jobs than GPUs)
+    waits for `preferred`. Locks are `flock`s, released by the OS even when the process dies.
+    """
+    lock_dir = Path(lock_dir)
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    index, fd = preferred, None
+    for candidate in [(preferred + i) % count for i in range(count)]:
+        fd = _lock(lock_dir / _lock_name(candidate), wait=False)
+        if fd is not None:
+            index = candidate
+            break
+    if fd is None:
+        fd = _lock(lock_dir / _lock_name(preferred), wait=True)
+    try:
+        yield index
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
+
+
+def default_lock_dir() -> Path:
+    """Machine-wide folder of the GPU lock files (one per user)."""
+    uid = os.getuid() if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"fpet-gpu-locks-{uid}"
+
+
+@contextmanager
+def claim_device(cfg: DictConfig) -> Iterator[str]:
+    """The device this run uses: `cfg.device`, except for `device=auto` in a Hydra multirun on a machine with
+    several GPUs, where job `i` takes a free GPU (GPU `i % n` first) and holds it until the block ends."""
+    count = num_gpus() if cfg.device == "auto" else 0
+    job = _multirun_job_num() if count > 1 else None
+    if job is None:
+        yield str(cfg.device)
+        return
+    import torch
+
+    with acquire_gpu(job % count, count, default_lock_dir()) as index:
+        torch.cuda.set_device(index)
+        log.info("multirun job %d runs on cuda:%d (%d GPUs visible)", job, index, count)
+        yield f"cuda:{index}"

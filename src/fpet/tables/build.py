@@ -1,0 +1,337 @@
+"""The paper's tables from a `Study` (the summarised runs of one backbone and data protocol).
+
+Every table has an "ours" row per method and, where the paper reports that method (ViT-B/16 on VTAB-1K), the paper's
+row right below it. Relative changes are (x - reference) / reference in %.
+"""
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Optional
+
+from fpet.tables.collect import (VTAB_TASKS, Method, Run, Stat, Summary, deduplicate, summarize, table_tasks)
+from fpet.tables.paper import number, paper_method, paper_row
+from fpet.tables.render import Column, Table
+
+log = logging.getLogger(__name__)
+
+PET_ORDER = ("full", "linear", "repadapter", "lora", "adaptformer", "bi_lora", "bi_adaptformer")
+PET_NAMES = {"full": "Full fine-tuning", "linear": "Linear probing", "repadapter": "RepAdapter", "lora": "LoRA",
+             "adaptformer": "AdaptFormer", "bi_lora": "Bi-LoRA", "bi_adaptformer": "Bi-AdaptFormer"}
+PAPER_PETS = PET_ORDER[2:]
+"""The PET methods the paper combines with FPET (Tables 1 and 2)."""
+
+ACC_PROTOCOLS = {
+    "acc_best": "best of the evaluations every train.eval_every (10) epochs, the official FPET code's protocol, "
+                "which produced the paper's numbers (it selects on the test set)",
+    "acc": "after the last epoch (no model selection on the evaluation split)",
+}
+MEMORY = {"peak_mem_mb": ("GB", 1 / 1024, "CUDA peak allocated memory of a training step"),
+          "train_act_mb": ("MB", 1.0, "megabytes of tensors saved for backward in a training step (no GPU peak "
+                                      "was measured; not comparable with the paper's GPU GB)")}
+
+
+@dataclass
+class Study:
+    """The runs behind the tables and their per-row summaries."""
+
+    runs: list[Run]
+    groups: dict[str, list[str]]
+    summaries: dict[tuple[str, str], Summary]
+    backbone: str
+    acc_key: str
+    protocol: str
+    paper: bool
+    memory_key: str
+
+    def get(self, pet: str, variant: str = "none") -> Optional[Summary]:
+        return self.summaries.get((pet, variant))
+
+    @property
+    def tasks(self) -> list[str]:
+        return [t for tasks in self.groups.values() for t in tasks]
+
+    def memory(self, summary: Optional[Summary]) -> Optional[float]:
+        """The memory figure of a row in the table's unit (GB for the CUDA peak, MB saved for backward)."""
+        value = summary.efficiency.get(self.memory_key) if summary else None
+        return None if value is None else value * MEMORY[self.memory_key][1]
+
+    @property
+    def memory_unit(self) -> str:
+        return MEMORY[self.memory_key][0]
+
+    def notes(self) -> list[str]:
+        devices = sorted({r.device for r in self.runs if r.device})
+        notes = [f"Accuracy: `{self.acc_key}` = {ACC_PROTOCOLS[self.acc_key]}; data protocol `{self.protocol}`; "
+                 f"mean over seeds (± sample std when several).",
+                 f"Ours: {self.backbone}, {len(self.runs)} runs; measured on {', '.join(devices) or 'n/a'}. "
+                 f"Memory: {MEMORY[self.memory_key][2]}."]
+        if self.paper:
+            notes.append("paper: the values the paper reports (reference/paper/*.csv).")
+        return notes
+
+
+def pick_backbone(runs: list[Run], backbone: Optional[str]) -> str:
+    """The backbone the tables show: the one asked for, the only one found, or vit_b16 among several."""
+    found = sorted({r.backbone for r in runs})
+    if backbone:
+        return backbone
+    if len(found) == 1:
+        return found[0]
+    if "vit_b16" in found:
+        log.info("results of several backbones (%s): showing vit_b16 (--backbone picks another)", ", ".join(found))
+        return "vit_b16"
+    raise ValueError(f"results of several backbones {found}; choose one with --backbone")
+
+
+def build_study(runs: list[Run], acc_key: str = "acc_best", protocol: str = "test",
+                backbone: Optional[str] = None) -> Study:
+    """Filter runs to one backbone and data protocol, drop duplicates and summarise each (pet, variant) row."""
+    if acc_key not in ACC_PROTOCOLS:
+        raise ValueError(f"accuracy protocol {acc_key!r} is not one of {sorted(ACC_PROTOCOLS)}")
+    backbone = pick_backbone(runs, backbone) if runs else (backbone or "vit_b16")
+    runs = deduplicate([r for r in runs if r.backbone == backbone and r.protocol == protocol])
+    groups = table_tasks(runs)
+    tasks = {t for ts in groups.values() for t in ts}
+    by_key: dict[tuple[str, str], list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.task in tasks:
+            by_key[run.method.key].append(run)
+    summaries = {key: summarize(key, rs, groups, acc_key) for key, rs in by_key.items()}
+    trained = [r for r in runs if r.efficiency.get("train_act_mb") is not None]
+    memory_key = "peak_mem_mb" if trained and all(r.efficiency.get("peak_mem_mb") for r in trained) else \
+        "train_act_mb"
+    paper = backbone == "vit_b16" and any(t in VTAB_TASKS for t in tasks)
+    return Study([r for rs in by_key.values() for r in rs], groups, summaries, backbone, acc_key, protocol, paper,
+                 memory_key)
+
+
+def label(pet: str, variant: str) -> str:
+    """Row label: 'LoRA', 'LoRA + fpet', 'AdaptFormer + bsm@4', ..."""
+    name = PET_NAMES.get(pet, pet)
+    return name if variant == "none" else f"{name} + {variant}"
+
+
+def _pet_rank(pet: str) -> tuple[int, str]:
+    return (PET_ORDER.index(pet) if pet in PET_ORDER else len(PET_ORDER), pet)
+
+
+def main_rows(study: Study) -> list[tuple[str, str]]:
+    """Rows of Tables 1 and 2: baselines, PET methods without merging, then with FPET (paper order), plus any other
+    method found in the results with either setting."""
+    rows: list[tuple[str, str]] = []
+    if study.paper:
+        rows += [(p, "none") for p in PET_ORDER] + [(p, "fpet") for p in PAPER_PETS]
+    found = sorted((k for k in study.summaries if k[1] in ("none", "fpet") and k not in rows),
+                   key=lambda k: (k[1] != "none", _pet_rank(k[0])))
+    return rows + found
+
+
+def rel(value: Optional[float], reference: Optional[float]) -> Optional[float]:
+    """Relative change in % of `value` against `reference` (None if either is missing)."""
+    if value is None or reference is None or reference == 0:
+        return None
+    return 100.0 * (value - reference) / reference
+
+
+def diff(value: Any, reference: Any) -> Optional[float]:
+    """value - reference for numbers or Stats (their means); None if either is missing."""
+    a = value.mean if isinstance(value, Stat) else value
+    b = reference.mean if isinstance(reference, Stat) else reference
+    return None if a is None or b is None else a - b
+
+
+def _n_tasks(study: Study, summary: Optional[Summary]) -> str:
+    return f"{len(summary.tasks) if summary else 0}/{len(study.tasks)}"
+
+
+def table2(study: Study) -> Table:
+    """Table 2: accuracy per task, per group and the Average (mean of the group means), with # params."""
+    groups = list(study.groups)
+    columns = [Column("method"), Column("source"), Column("params (M)", "{:.2f}"), Column("Average"),
+               *[Column(f"{g.capitalize()} (mean)") for g in groups], *[Column(t) for t in study.tasks],
+               Column("tasks")]
+    title = "Table 2: top-1 accuracy (%) per task, group means and Average (mean of the group means)"
+    table = Table("table2", title, columns, notes=study.notes())
+    for pet, variant in main_rows(study):
+        s = study.get(pet, variant)
+        params = None
+        if s and s.efficiency.get("params_pet") is not None:
+            params = (s.efficiency["params_pet"] + (s.efficiency.get("params_merge") or 0)) / 1e6
+        table.rows.append([label(pet, variant), "ours", params, s.average if s else None,
+                           *[s.groups.get(g) if s else None for g in groups],
+                           *[s.tasks.get(t) if s else None for t in study.tasks], _n_tasks(study, s)])
+        paper = paper_row("table2", method=paper_method(pet, variant) or "") if study.paper else None
+        if paper:
+            accs = {t: number(paper.get(t)) for t in study.tasks}
+            means = [statistics.fmean(accs[t] for t in study.groups[g]) for g in groups]
+            table.rows.append([label(pet, variant), "paper", number(paper["params_m"]), number(paper["average"]),
+                               *means, *accs.values(), ""])
+    table.notes.append("params: trainable parameters without the head (PET + merge), as the paper's # param.")
+    return table
+
+
+def _efficiency(study: Study, s: Optional[Summary]) -> tuple[Any, Any, Any, Any]:
+    e = s.efficiency if s else {}
+    return s.average if s else None, e.get("latency_ms"), e.get("gflops"), study.memory(s)
+
+
+def _metric_columns(name: str, short: str) -> list[Column]:
+    return [Column(name, "{:.2f}"), Column(f"{short} vs full (%)", "{:+.1f}"),
+            Column(f"{short} vs w/o merge (%)", "{:+.1f}")]
+
+
+def table1(study: Study) -> Table:
+    """Table 1: Average accuracy, inference time, GFLOPs and training memory, each also relative to full
+    fine-tuning and (merged rows) to the same PET method without merging."""
+    columns = [Column("method"), Column("source"), Column("acc"), *_metric_columns("time (ms/img)", "time"),
+               *_metric_columns("GFLOPs", "GFLOPs"), *_metric_columns(f"memory ({study.memory_unit})", "memory")]
+    table = Table("table1", "Table 1: accuracy and efficiency (inference at batch 256, training at batch 64)",
+                  columns, notes=study.notes())
+    ours_full = _efficiency(study, study.get("full"))
+    paper_full = paper_efficiency("full") if study.paper else None
+    for pet, variant in main_rows(study):
+        ours = _efficiency(study, study.get(pet, variant))
+        base = _efficiency(study, study.get(pet)) if variant != "none" else None
+        table.rows.append(_table1_row(label(pet, variant), "ours", ours, ours_full, base))
+        paper = paper_efficiency(paper_method(pet, variant)) if study.paper else None
+        if paper:
+            paper_base = paper_efficiency(pet) if variant != "none" else None
+            row = _table1_row(label(pet, variant), "paper", paper, paper_full, paper_base)
+            if study.memory_key != "peak_mem_mb":
+                row[9] = None  # the paper's GPU GB beside our saved-for-backward MB would mislead
+            table.rows.append(row)
+    table.notes.append("vs full: against full fine-tuning of the same source; vs w/o merge: against the same PET "
+                       "method without token merging. Time and GFLOPs are per image.")
+    return table
+
+
+def paper_efficiency(method: Optional[str]) -> Optional[tuple]:
+    row = paper_row("table1", method=method) if method else None
+    if row is None:
+        return None
+    return tuple(number(row[k]) for k in ("acc", "time_ms_per_img", "gflops", "train_mem_gb"))
+
+
+def _table1_row(name: str, source: str, values: tuple, full: Optional[tuple], base: Optional[tuple]) -> list:
+    acc, time, gflops, mem = values
+    row = [name, source, acc]
+    for i, value in ((1, time), (2, gflops), (3, mem)):
+        row += [value, rel(value, full[i] if full else None), rel(value, base[i] if base else None)]
+    return row
+
+
+TABLE3_ROWS = (
+    ("w/o merging", "none", "none"),
+    ("LTMP", None, "ltmp"),
+    ("ToMe", "tome", "tome"),
+    ("BSM at layer 6", "bsm", "bsm_layer6"),
+    ("+ checkerboard", "bsm+checkerboard", "bsm_layer6_checkerboard"),
+    ("+ key refinement (w/o gradient stopping)", "fpet+no_stop_grad", "bsm_layer6_checkerboard_refine_nostop"),
+    ("FPET (ours)", "fpet", "fpet"),
+)
+"""(label, our variant or None if not implemented, the paper's row name) of Table 3."""
+
+
+def table3(study: Study, pet: str = "bi_adaptformer") -> Table:
+    """Table 3: token-reduction strategies as differences against the same PET method without merging."""
+    columns = [Column("method"), Column("source"), Column("acc"), Column("Δ acc", "{:+.2f}"),
+               Column("Δ time (ms)", "{:+.2f}"), Column("Δ GFLOPs", "{:+.2f}"),
+               Column(f"Δ memory ({study.memory_unit})", "{:+.2f}"), Column("tasks")]
+    table = Table("table3", f"Table 3: token reduction strategies on {PET_NAMES.get(pet, pet)}", columns,
+                  notes=study.notes())
+    base = _efficiency(study, study.get(pet))
+    for name, variant, paper_name in TABLE3_ROWS:
+        s = study.get(pet, variant) if variant else None
+        ours = _efficiency(study, s)
+        table.rows.append([name, "ours", ours[0], *[diff(a, b) for a, b in zip(ours, base)], _n_tasks(study, s)])
+        paper = paper_row("table3", method=paper_name) if study.paper and pet == "bi_adaptformer" else None
+        if paper:
+            mem = number(paper["delta_mem_gb"]) if study.memory_key == "peak_mem_mb" else None
+            table.rows.append([name, "paper", None, number(paper["delta_acc"]), number(paper["delta_time_ms"]), None,
+                               mem, ""])
+    table.notes.append(f"Δ: against {PET_NAMES.get(pet, pet)} without merging (first row). LTMP is not "
+                       f"implemented here (paper row only).")
+    return table
+
+
+LAYERS = (6, 4, 2, 1, 0)
+LAYER_MERGES = ("maxpool", "avgpool", "bsm", "fpet")
+MERGE_NAMES = {"none": "w/o merging", "maxpool": "max pool", "avgpool": "avg pool", "bsm": "BSM", "fpet": "FPET",
+               "tome": "ToMe"}
+
+
+def layer_table(study: Study, name: str, pet: str) -> Table:
+    """Tables A3 / A4: merging 196 -> 98 patch tokens at layer 6, 4, 2, 1 or 0 with each strategy."""
+    columns = [Column("layer", "{}"), Column("method"), Column("source"), Column("acc", "{:.2f}"),
+               Column("Δ acc", "{:+.2f}"), Column("time (ms/img)", "{:.2f}"), Column("GFLOPs", "{:.2f}"),
+               Column("GFLOPs vs w/o merge (%)", "{:+.1f}"), Column(f"memory ({study.memory_unit})", "{:.2f}"),
+               Column("tasks")]
+    title = f"Table {name[5:]}: merge layer trade-off on {PET_NAMES.get(pet, pet)}"
+    table = Table(name, title, columns, notes=study.notes())
+    base = _efficiency(study, study.get(pet))
+    paper_base = _paper_layer(study, name, "none", "none")
+    cells = [("n/a", "none")] + [(layer, merge) for layer in LAYERS for merge in LAYER_MERGES]
+    for layer, merge in cells:
+        variant = "none" if merge == "none" else Method(pet, merge, layer).variant
+        s = study.get(pet, variant)
+        acc, time, gflops, mem = _efficiency(study, s)
+        table.rows.append([layer, MERGE_NAMES[merge], "ours", acc, diff(acc, base[0]), time, gflops,
+                           rel(gflops, base[2]), mem, _n_tasks(study, s)])
+        paper = _paper_layer(study, name, str(layer) if merge != "none" else "none", merge)
+        if paper:
+            table.rows.append([layer, MERGE_NAMES[merge], "paper", paper[0], diff(paper[0], paper_base[0]),
+                               paper[1], paper[2], rel(paper[2], paper_base[2]), None, ""])
+    table.notes.append(f"Δ acc and GFLOPs vs w/o merge: against {PET_NAMES.get(pet, pet)} without merging (first "
+                       f"row). Layers are 0-based block indices.")
+    return table
+
+
+def _paper_layer(study: Study, name: str, layer: str, merge: str) -> Optional[tuple]:
+    row = paper_row(name, layer=layer, method=merge) if study.paper else None
+    return None if row is None else tuple(number(row[k]) for k in ("acc", "time_ms", "gflops"))
+
+
+def efficiency_table(cells: list[dict[str, Any]], hardware: str, paper: bool) -> Table:
+    """Table 1's efficiency columns (plus training speed, parameters, storage) from scripts/benchmark_grid.py
+    cells: dicts with `pet`, `merge` and the efficiency keys of results.json (`error` for a cell that failed)."""
+    peak = all(c.get("peak_mem_mb") is not None for c in cells if not c.get("error"))
+    memory_key, (unit, scale, _) = ("peak_mem_mb", MEMORY["peak_mem_mb"]) if peak else \
+        ("train_act_mb", MEMORY["train_act_mb"])
+    columns = [Column("method"), Column("source"), *_metric_columns("time (ms/img)", "time"),
+               *_metric_columns("GFLOPs", "GFLOPs"), *_metric_columns(f"memory ({unit})", "memory"),
+               Column("train (s/it)", "{:.3f}"), Column("params (M)", "{:.3f}"), Column("storage (MB)", "{:.2f}"),
+               Column("note")]
+    table = Table("efficiency", f"Table 1 efficiency columns measured on {hardware}", columns)
+
+    def values(c: Optional[dict]) -> tuple:
+        if not c or c.get("error"):
+            return None, None, None, None
+        mem = c.get(memory_key)
+        return None, c.get("latency_ms"), c.get("gflops"), None if mem is None else mem * scale
+
+    by_key = {(c["pet"], c["merge"]): c for c in cells}
+    full, paper_full = values(by_key.get(("full", "none"))), paper_efficiency("full") if paper else None
+    for c in cells:
+        pet, variant = c["pet"], c["merge"]
+        base = values(by_key.get((pet, "none"))) if variant != "none" else None
+        row = _table1_row(label(pet, variant), "ours", values(c), full, base)[3:]
+        params = None if c.get("params_pet") is None else (c["params_pet"] + (c.get("params_merge") or 0)) / 1e6
+        storage = None if c.get("storage_bytes") is None else c["storage_bytes"] / 2**20
+        table.rows.append([label(pet, variant), "ours", *row, c.get("train_s_per_iter"), params, storage,
+                           c.get("error") or ""])
+        reported = paper_efficiency(paper_method(pet, variant)) if paper else None
+        if reported:
+            paper_base = paper_efficiency(pet) if variant != "none" else None
+            row = _table1_row(label(pet, variant), "paper", reported, paper_full, paper_base)[3:]
+            if not peak:
+                row[6] = None  # the paper's GPU GB beside our saved-for-backward MB would mislead
+            table.rows.append([label(pet, variant), "paper", *row, None, None, None, ""])
+    table.notes = [f"Memory: {MEMORY[memory_key][2]}. Time per image at the inference batch; GFLOPs per image "
+                   f"(fvcore); params: trainable without the head; storage: the task checkpoint file.",
+                   "vs full: against full fine-tuning; vs w/o merge: against the same PET method without merging."]
+    if paper:
+        table.notes.append("paper: Table 1 of the paper (ViT-B/16 on their GPU; memory in GB at batch 64).")
+    return table
