@@ -3,7 +3,8 @@
     python scripts/benchmark.py pet=adaptformer merge=fpet merge.layer=4 bench.infer_batch=64
 
 Takes the same overrides as train.py (backbone.checkpoint defaults to null: random init) plus bench.infer_batch,
-bench.train_batch, bench.repeats, bench.latency=false, bench.train=false. As in a training run, FLOPs and latency
+bench.train_batch, bench.repeats, bench.latency=false, bench.train=false, bench.merge_time=true (time spent in
+the merge modules: merge_ms per image, merge_frac of the forward pass). As in a training run, FLOPs and latency
 are those of the re-parameterised model (LoRA / Bi-LoRA / RepAdapter folded) unless eval.reparameterize=false.
 Prints a readable block, then the efficiency keys of results.json as one JSON object on the last stdout line.
 """
@@ -16,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 
 from fpet.config import compose_config  # noqa: E402
+from fpet.merge.timing import measure_merge_time  # noqa: E402
 from fpet.model import build_model  # noqa: E402
 from fpet.pet.reparam import inference_model  # noqa: E402
 from fpet.profile import profile_model  # noqa: E402
@@ -35,6 +37,9 @@ def benchmark(overrides: list[str]) -> dict:
     infer, reparam = inference_model(model, reparameterize_enabled(cfg))
     out.update(profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer))
     out["reparameterized"] = reparam.reparameterized
+    if cfg.bench.get("merge_time"):  # time inside the merge modules, share of the forward pass
+        out.update(measure_merge_time(infer, cfg.bench.infer_batch, cfg.backbone.img_size, cfg.bench.repeats,
+                                      cfg.bench.warmup))
     out["device"] = describe_device(device)
     return out
 

@@ -145,7 +145,13 @@ class TokenViT(nn.Module):
         return TokenState(self.vit.norm(x), size, source)
 
     def forward_head(self, x: Tensor) -> Tensor:
-        """Pool (class token) and classify: `[B, N, C] -> [B, num_classes]`."""
+        """Pool (class token) and classify: `[B, N, C] -> [B, num_classes]`.
+
+        A distilled DeiT has two heads: the logits are the mean of the class-token head and the distillation-token
+        head (timm's `VisionTransformerDistilled.forward_head`, which reads tokens 0 and 1).
+        """
+        if getattr(self.vit, "head_dist", None) is not None:
+            return self.vit.forward_head(x)
         feats = self.vit.forward_head(x, pre_logits=True)
         return self.vit.head(self.pre_logits(feats))
 

@@ -50,6 +50,7 @@ def set_trainable(model: nn.Module, mode: str = "pet") -> None:
 
 
 def head_module(model: nn.Module) -> nn.Module:
-    """The classification head of a `TokenViT` (or of a bare timm ViT)."""
+    """The classification head(s) of a `TokenViT` (or of a bare timm ViT)."""
     vit = getattr(model, "vit", model)
-    return vit.get_classifier()
+    head = vit.get_classifier()
+    return nn.ModuleList(head) if isinstance(head, tuple) else head  # distilled DeiT: (head, head_dist)
