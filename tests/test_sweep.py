@@ -18,7 +18,7 @@ from omegaconf import OmegaConf
 import fpet.train
 from conftest import ROOT
 from fpet.results import RESULT_KEYS, build_results, load_complete_results, write_json_atomic
-from fpet.sweep import acquire_gpu, claim_device, config_differences, register_resolvers
+from fpet.sweep import RunDirConflict, acquire_gpu, claim_device, config_differences, register_resolvers
 from fpet.train import main
 
 QUIET = ["bench.flops=false", "bench.latency=false", "bench.train=false", "train.save_task=false"]
@@ -44,7 +44,7 @@ def test_load_complete_results(tmp_path, content, finished):
     assert (load_complete_results(tmp_path) is not None) == finished
 
 
-def test_finished_run_is_skipped_and_a_changed_config_trains_again(make_cfg, tmp_path, monkeypatch, caplog):
+def test_finished_run_is_skipped_and_another_config_is_not_written_over_it(make_cfg, tmp_path, monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="fpet")
     first = build_results(make_cfg(*QUIET), {"acc": 50.0}, {}, None, torch.device("cpu"))  # as fpet.train.run writes
     write_json_atomic(tmp_path / "results.json", first)
@@ -53,10 +53,11 @@ def test_finished_run_is_skipped_and_a_changed_config_trains_again(make_cfg, tmp
     again = main(make_cfg(*QUIET, "device=cpu", "train.progress=true"), tmp_path)  # not what a run computes
     assert again["finished_at"] == first["finished_at"] and calls == []
     assert "skipping finished run" in caplog.text
-    main(make_cfg(*QUIET, "train.epochs=2"), tmp_path)  # e.g. a smoke test's folder reused for the real run
-    assert len(calls) == 1 and "train.epochs: 1 -> 2" in caplog.text
-    main(make_cfg(*QUIET, "train.skip_finished=false"), tmp_path)
-    assert len(calls) == 2
+    with pytest.raises(RunDirConflict, match=r"train\.epochs: 1 -> 2.*train\.skip_finished=false"):
+        main(make_cfg(*QUIET, "train.epochs=2"), tmp_path)  # e.g. a smoke test's folder reused for the real run
+    assert calls == []
+    main(make_cfg(*QUIET, "train.epochs=2", "train.skip_finished=false"), tmp_path)
+    assert len(calls) == 1
 
 
 def test_config_differences_ignore_locations_and_new_keys(make_cfg, tmp_path):

@@ -49,20 +49,25 @@ def config_differences(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
             if key in old and old[key] != value and not _location(raw.get(key))]
 
 
+class RunDirConflict(RuntimeError):
+    """The run directory holds a finished run of another configuration; nothing is overwritten silently."""
+
+
 def finished_results(cfg: DictConfig, run_dir: str | Path) -> Optional[dict[str, Any]]:
-    """The stored results of `run_dir` when it holds a complete run of the same config, else None (train it).
+    """The stored results of `run_dir` when it holds a complete run of the same config; None when it holds none.
 
     A complete results.json made with a different config (e.g. a 1-epoch smoke test in the same output folder) is
-    not reused: the run trains again and overwrites it, with a warning naming the differences.
+    neither reused nor overwritten: `RunDirConflict` names the differences and the two ways forward.
     """
     results = load_complete_results(run_dir)
     if results is None:
         return None
     differences = config_differences(results.get("config", {}), cfg)
     if differences:
-        log.warning("%s holds a finished run of another config (%s); training again and overwriting it",
-                    Path(run_dir) / "results.json", "; ".join(differences[:5]))
-        return None
+        raise RunDirConflict(
+            f"{Path(run_dir) / 'results.json'} holds a finished run of another config ({'; '.join(differences[:5])}). "
+            f"Pass train.skip_finished=false to train again and overwrite it, or write elsewhere "
+            f"(hydra.run.dir=... / paths.output_dir=...).")
     return results
 
 
