@@ -23,9 +23,22 @@ register_resolvers()  # ${fpet.num_gpus:} in configs/hydra/launcher/local.yaml
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from fpet.errors import USER_ERRORS
     from fpet.train import main as train_main
 
-    return train_main(cfg)["acc"]
+    try:
+        return train_main(cfg)["acc"]
+    except USER_ERRORS as err:
+        if HydraConfig.get().mode != RunMode.RUN:
+            raise  # a sweep's launcher records the failed job with its traceback
+        # a single run: the message says what is wrong and how to fix it; the traceback adds nothing
+        # (HYDRA_FULL_ERROR=1 still shows it)
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        raise SystemExit(f"error: {type(err).__name__}: {err}") from None
 
 
 if __name__ == "__main__":

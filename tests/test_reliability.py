@@ -132,7 +132,15 @@ def test_cli_rejects_bad_config_before_training_and_lists_every_problem(tmp_path
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode != 0
     assert "pet.dim=0" in proc.stderr and "merge.r=500" in proc.stderr and "nothing was run" in proc.stderr
+    assert proc.stderr.startswith("error: ConfigError") and "Traceback" not in proc.stderr  # the message alone
     assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob("last.ckpt"))
+
+
+def test_cli_user_error_in_a_sweep_fails_that_job_with_its_traceback(tmp_path):
+    cmd = [sys.executable, str(ROOT / "train.py"), "-m", *FAST, f"paths.output_dir={tmp_path}", "pet.dim=0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode != 0
+    assert "ConfigError" in proc.stderr and "pet.dim=0" in proc.stderr
 
 
 def test_same_seed_repeats_exactly_and_another_seed_differs(make_cfg, tmp_path):

@@ -1,0 +1,14 @@
+"""The errors that describe a user's input (config, data, files) rather than a bug: their message is the report."""
+from __future__ import annotations
+
+from fpet.backbone import CheckpointError
+from fpet.data.cache import CacheError
+from fpet.data.vtab import VTABDataError
+from fpet.resume import ResumeError
+from fpet.sweep import RunDirConflict
+from fpet.train import NonFiniteLossError
+from fpet.validate import ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    CheckpointError, CacheError, ConfigError, NonFiniteLossError, ResumeError, RunDirConflict, VTABDataError,
+)
