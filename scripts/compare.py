@@ -28,6 +28,7 @@ from omegaconf import DictConfig  # noqa: E402
 from fpet.config import compose_config  # noqa: E402
 from fpet.merge.timing import measure_merge_time  # noqa: E402
 from fpet.model import build_model  # noqa: E402
+from fpet.results import fmt  # noqa: E402
 from fpet.pet.reparam import inference_model  # noqa: E402
 from fpet.profile import count_flops, count_tokens_out, measure_latency, measure_training  # noqa: E402
 from fpet.results import describe_device  # noqa: E402
@@ -110,9 +111,6 @@ def _median(values: list) -> float | None:
 
 def markdown(rows: list[dict]) -> str:
     """The comparison as a Markdown table (ratios against the first row)."""
-    def fmt(value, spec):
-        return "n/a" if value is None else format(value, spec)
-
     lines = ["| variant | tokens | GFLOPs | ratio | latency ms/img | ratio | train s/it | ratio "
              "| saved-for-backward MB | ratio | peak MB (CUDA) | ratio | merge ms/img | merge % of forward |",
              "|" + "---|" * 14]

@@ -17,6 +17,7 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fpet.config import compose_config  # noqa: E402
 from fpet.merge import MERGE_STRATEGIES  # noqa: E402
+from fpet.results import fmt  # noqa: E402
 from fpet.train import run  # noqa: E402
 
 DEFAULT_MERGES = ("none", "fpet")
@@ -30,9 +31,9 @@ def compare(rows: list[dict]) -> str:
     for r in rows:
         ratio = r["latency_ms"] / base["latency_ms"] if r["latency_ms"] and base["latency_ms"] else None
         lines.append(
-            f"| {r['merge']} | {r['acc']:.1f} | {r['acc_best']:.1f} | {r['gflops']:.3f} | {r['tokens_out']} "
-            f"| {r['latency_ms']:.3f} | {'n/a' if ratio is None else f'{ratio:.2f}'} "
-            f"| {r['train_s_per_iter']:.3f} | {r['train_act_mb']:.0f} |")
+            f"| {r['merge']} | {fmt(r['acc'], '.1f')} | {fmt(r['acc_best'], '.1f')} | {fmt(r['gflops'], '.3f')} "
+            f"| {r['tokens_out']} | {fmt(r['latency_ms'], '.3f')} | {fmt(ratio, '.2f')} "
+            f"| {fmt(r['train_s_per_iter'], '.3f')} | {fmt(r['train_act_mb'], '.0f')} |")
     return "\n".join(lines)
 
 

@@ -22,7 +22,9 @@ from fpet.config import compose_config
 from fpet.pet import BinaryLinear
 from fpet.results import load_complete_results
 from fpet.tables.collect import load_runs
+import fpet.train
 from fpet.train import run
+from fpet.validate import ConfigError
 from fpet.vit import TokenViT
 from test_pet_methods import PETS
 from test_vit import PairMerge
@@ -161,10 +163,13 @@ def test_truncated_foreign_and_pickled_files_are_refused(make_cfg, lora_task, tm
         load_task(model, tmp_path / "nothing.safetensors")
 
 
-def test_run_saves_the_task_and_eval_only_cli_reproduces_its_accuracy(make_cfg, tmp_path):
+def test_run_saves_the_task_and_eval_only_cli_reproduces_its_accuracy(make_cfg, tmp_path, monkeypatch):
     fast = ["pet=bi_lora", "bench.latency=false", "bench.train=false"]
     train_dir = tmp_path / "run"
+    folds, real_fold = [], fpet.train.inference_model
+    monkeypatch.setattr(fpet.train, "inference_model", lambda m, enabled: folds.append(m) or real_fold(m, enabled))
     trained = run(make_cfg(*fast), train_dir)
+    assert len(folds) == 1  # one folded copy serves the final evaluation and the profile
     task = train_dir / "task.safetensors"
     assert trained["storage_bytes"] == task.stat().st_size > trained["storage_bytes_no_head"]
     assert trained["reparameterized"] is True and trained["pet_scale"] == 1.0
@@ -183,5 +188,6 @@ def test_run_saves_the_task_and_eval_only_cli_reproduces_its_accuracy(make_cfg, 
 
 
 def test_eval_only_needs_a_checkpoint(make_cfg, tmp_path):
-    with pytest.raises(ValueError, match="checkpoint=PATH"):
+    with pytest.raises(ConfigError, match="eval_only=true needs checkpoint=PATH"):  # before anything is built
         run(make_cfg("eval_only=true"), tmp_path)
+    assert not list(tmp_path.iterdir())

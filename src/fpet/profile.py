@@ -31,16 +31,14 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 def count_parameters(model: nn.Module) -> dict[str, int]:
     """`params_pet` (trainable minus head and merge), `params_head`, `params_merge`, `params_trainable`,
     `params_total`."""
-    head = sum(p.numel() for p in head_module(model).parameters())
-    merge = sum(p.numel() for p in getattr(model, "merges", nn.ModuleDict()).parameters())
-    head_ids = {id(p) for p in head_module(model).parameters()}
-    merge_ids = {id(p) for p in getattr(model, "merges", nn.ModuleDict()).parameters()}
+    head = list(head_module(model).parameters())
+    merge = list(getattr(model, "merges", nn.ModuleDict()).parameters())
+    excluded = {id(p) for p in head + merge}
     trainable = [p for p in model.parameters() if p.requires_grad]
-    pet = sum(p.numel() for p in trainable if id(p) not in head_ids | merge_ids)
     return {
-        "params_pet": pet,
-        "params_head": head,
-        "params_merge": merge,
+        "params_pet": sum(p.numel() for p in trainable if id(p) not in excluded),
+        "params_head": sum(p.numel() for p in head),
+        "params_merge": sum(p.numel() for p in merge),
         "params_trainable": sum(p.numel() for p in trainable),
         "params_total": sum(p.numel() for p in model.parameters()),
     }

@@ -166,11 +166,13 @@ class RunLogger:
             self.wandb = None
 
 
+def fmt(value: Any, spec: str) -> str:
+    """`value` formatted by `spec`, or 'n/a' when it was not measured (None)."""
+    return "n/a" if value is None else format(value, spec)
+
+
 def format_summary(results: dict[str, Any], run_dir: Path) -> str:
     """A few lines for the console at the end of a run."""
-    def fmt(value: Any, spec: str) -> str:
-        return "n/a" if value is None else format(value, spec)
-
     return "\n".join([
         f"== {results['task']} | {results['backbone']} | pet={results['pet']} | merge={results['merge']} "
         f"| seed={results['seed']}",

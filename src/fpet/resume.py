@@ -131,9 +131,10 @@ class RollingCheckpoint:
         if not isinstance(payload, dict) or payload.get("format") != FORMAT_VERSION:
             raise ResumeError(f"{self.path} is not a rolling checkpoint of this version; delete it to start over")
         if payload["config_digest"] != _digest(self.fingerprint):
-            raise ResumeError(f"{self.path} was written by a different configuration "
-                              f"({_config_diff(json.loads(payload['config']), self.fingerprint)}). Use the original "
-                              f"overrides to resume, or another run directory / delete the file to start over.")
+            changes = list(config_changes(json.loads(payload["config"]), self.fingerprint).values())
+            raise ResumeError(f"{self.path} was written by a different configuration ({'; '.join(changes[:5])}). "
+                              f"Use the original overrides to resume, or another run directory / delete the file "
+                              f"to start over.")
         return payload
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -155,14 +156,19 @@ class RollingCheckpoint:
         return TrainState(**payload["state"])
 
 
-def _config_diff(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> str:
-    """`key: old -> new` for the first differing keys of two nested dicts."""
-    diffs = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            inner = _config_diff(a, b, f"{prefix}{key}.")
-            diffs += [inner] if inner else []
-        elif a != b:
-            diffs.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return "; ".join(diffs[:5])
+def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> one level with dotted keys: `{"pet": {"dim": 8}} -> {"pet.dim": 8}`."""
+    if not isinstance(node, dict):
+        return {prefix[:-1]: node}
+    out: dict[str, Any] = {}
+    for key, value in node.items():
+        out.update(flatten(value, f"{prefix}{key}."))
+    return out
+
+
+def config_changes(old: dict[str, Any], new: dict[str, Any], shared_only: bool = False) -> dict[str, str]:
+    """`{dotted key: "key: old -> new"}` for every value that differs between two nested configs, sorted by key;
+    `shared_only` ignores keys that only one side has."""
+    a, b = flatten(old), flatten(new)
+    keys = a.keys() & b.keys() if shared_only else a.keys() | b.keys()
+    return {k: f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(keys) if a.get(k) != b.get(k)}

@@ -16,18 +16,9 @@ from typing import Any, Iterator, Optional
 from omegaconf import DictConfig, OmegaConf
 
 from fpet.results import load_complete_results
-from fpet.resume import config_fingerprint
+from fpet.resume import config_changes, config_fingerprint, flatten
 
 log = logging.getLogger(__name__)
-
-
-def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    if isinstance(node, dict):
-        out: dict[str, Any] = {}
-        for key, value in node.items():
-            out.update(_flatten(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: node}
 
 
 def _location(raw: Any) -> bool:
@@ -42,11 +33,9 @@ def config_differences(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
     Keys only one side has are not differences, so a config key added by a newer version of the code does not make
     finished runs look stale; file locations (values interpolated from `paths`) do not count either.
     """
-    old = _flatten(config_fingerprint(OmegaConf.create(stored)))
-    new = _flatten(config_fingerprint(cfg))
-    raw = _flatten(OmegaConf.to_container(cfg, resolve=False))
-    return [f"{key}: {old[key]!r} -> {value!r}" for key, value in new.items()
-            if key in old and old[key] != value and not _location(raw.get(key))]
+    changes = config_changes(config_fingerprint(OmegaConf.create(stored)), config_fingerprint(cfg), shared_only=True)
+    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
+    return [text for key, text in changes.items() if not _location(raw.get(key))]
 
 
 class RunDirConflict(RuntimeError):

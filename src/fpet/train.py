@@ -8,8 +8,10 @@ periodic one (the official code's protocol).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -100,18 +102,19 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         images, labels = to_device(batch, device, preprocess)
         with _autocast(device, amp):
             loss = F.cross_entropy(model(images), labels)
-        if not torch.isfinite(loss):
+        value = loss.item()  # the one host sync of the step
+        if not math.isfinite(value):
             raise NonFiniteLossError(
-                f"loss is {loss.item()} at epoch {epoch + 1}, step {steps + 1} (lr "
+                f"loss is {value} at epoch {epoch + 1}, step {steps + 1} (lr "
                 f"{optimizer.param_groups[0]['lr']:.3e}); stopped before updating the weights. Lower "
                 f"optim.optimizer.lr or check the data; the last good rolling checkpoint is kept.")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item()
+        total += value
         steps += 1
         bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
+        bar.set_postfix(loss=f"{value:.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", refresh=False)
     return total / max(steps, 1)
 
 
@@ -200,10 +203,11 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     results = None
     try:
         fold = reparameterize_enabled(cfg)
-        fit_out = fit(model, loaders, cfg, device, logger, run_dir, lambda m: inference_model(m, fold)[0])
+        folded = functools.cache(lambda m: inference_model(m, fold))  # one folded copy for final eval + profile
+        fit_out = fit(model, loaders, cfg, device, logger, run_dir, lambda m: folded(m)[0])
         info = task_metadata(cfg, model)
         storage = save_task(model, run_dir / "task.safetensors", info) if cfg.train.save_task else None
-        infer, reparam = inference_model(model, fold)
+        infer, reparam = folded(model)
         efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer)
         extra = {"reparameterized": reparam.reparameterized,
                  "storage_bytes_no_head": task_storage_bytes(model, False, info) if storage else None}
@@ -220,8 +224,6 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """`eval_only=true checkpoint=PATH`: the backbone of `cfg` plus a task file -> eval-split accuracy, profile,
     results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
-    if not cfg.get("checkpoint"):
-        raise ValueError("eval_only=true needs checkpoint=PATH (the task.safetensors a training run wrote)")
     run_dir = Path(run_dir)
     seed_everything(int(cfg.seed))
     device = resolve_device(cfg.device)

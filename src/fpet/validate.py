@@ -133,7 +133,10 @@ def check_paths(cfg: DictConfig) -> list[str]:
     check = DATASET_CHECKS.get(cfg.dataset.get("kind"))
     if check is not None:
         errors += check(cfg.dataset, Path(cfg.paths.data_dir))
-    if cfg.get("eval_only") and cfg.get("checkpoint") and not Path(cfg.checkpoint).is_file():
+    if cfg.get("eval_only") and not cfg.get("checkpoint"):
+        errors.append("checkpoint=None: eval_only=true needs checkpoint=PATH (the task.safetensors a training run "
+                      "wrote)")
+    elif cfg.get("eval_only") and not Path(cfg.checkpoint).is_file():
         errors.append(f"checkpoint={cfg.checkpoint!r}: no such task checkpoint")
     return errors
 
