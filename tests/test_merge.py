@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from fpet import build_model
-from fpet.merge import (BipartiteSoftMatching, FPETMerge, NeighbourPool,
+from fpet.merge import (BipartiteSoftMatching, FPETMerge, MergeConfigError, NeighbourPool,
                         bipartite_differentiable_matching, bipartite_soft_matching, checkerboard_split, stripe_split)
+from fpet.validate import ConfigError, validate_config
 
 STRATEGIES = ("tome", "bsm", "fpet", "avgpool", "maxpool")
 
@@ -251,22 +252,30 @@ def test_odd_7x7_grid_works(make_cfg, merge, tokens):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["merge=fpet", "merge.layer=12"], r"merge.layer=12 must be a block index in 0\.\.11"),
-    (["merge=bsm", "merge.layer=-1"], r"merge.layer=-1"),
-    (["merge=tome", "merge.layer=3.5"], r"merge.layer=3.5 .* null merges at every block"),
-    (["merge=bsm", "merge.r=99"], r"merge.r=99 .* at most half of the 196 patch tokens"),
-    (["merge=tome", "merge.r=0"], r"merge.r=0"),
-    (["merge=bsm", "backbone.img_size=112"], r"merge.r=98 .* 49 patch tokens \(7x7 grid\)"),
+    (["merge=fpet", "merge.layer=12"], r"merge.layer=12: outside the backbone's 12 blocks; accepted 0\.\.11"),
+    (["merge=bsm", "merge.layer=-1"], r"merge.layer=-1: outside"),
+    (["merge=tome", "merge.layer=3.5"], r"merge.layer=3.5: .* null merges at every block"),
+    (["merge=bsm", "merge.r=99"], r"merge.r=99: accepted 1\.\.98 or null .* half of the 196 patch tokens"),
+    (["merge=tome", "merge.r=0"], r"merge.r=0: accepted 1\.\.98"),
+    (["merge=bsm", "backbone.img_size=112"], r"merge.r=98: accepted 1\.\.24 .* 49 patch tokens of a 7x7 grid"),
     (["merge=fpet", "backbone.img_size=16"], r"1x1 patch grid .* only 0 token"),
     (["merge=fpet", "merge.r=8"], r"merge.r=8: merge=fpet merges every token of set A"),
-    (["merge=fpet", "merge.layer=null"], r"merge=fpet merges at one block"),
+    (["merge=fpet", "merge.layer=null"], r"merge.layer=None: merge=fpet merges at one block"),
     (["merge=tome", "merge.split=checkerboard"], r"checkerboard needs the full patch grid"),
-    (["merge=avgpool", "merge.layer=null"], r"merge=avgpool merges at one block"),
-    (["merge=bsm", "merge.split=diagonal"], r"merge.split='diagonal' is not one of"),
+    (["merge=avgpool", "merge.layer=null"], r"merge.layer=None: merge=avgpool merges at one block"),
+    (["merge=bsm", "merge.split=diagonal"], r"merge.split='diagonal': accepted \['stripe', 'checkerboard'\]"),
 ])
 def test_bad_merge_configs_are_clear_errors(make_cfg, overrides, message):
     with pytest.raises(ValueError, match=message):
         build_model(make_cfg(*overrides))
+    with pytest.raises(ConfigError, match=message):  # the same rule, reported before anything is built
+        validate_config(make_cfg(*overrides))
+
+
+def test_every_merge_problem_is_listed_at_once(make_cfg):
+    with pytest.raises(MergeConfigError) as err:
+        build_model(make_cfg("merge=tome", "merge.layer=12", "merge.r=0", "merge.split=diagonal"))
+    assert [p.split(":")[0] for p in err.value.problems] == ["merge.layer=12", "merge.r=0", "merge.split='diagonal'"]
 
 
 def test_grid_split_after_an_earlier_merge_is_a_clear_error():

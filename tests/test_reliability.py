@@ -110,12 +110,12 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tmp_
 
 
 @pytest.mark.parametrize("override, message", [
-    ("merge.layer=12", "merge.layer=12: outside vit_micro's blocks; accepted 0..11"),
-    ("merge.r=99", "merge.r=99: accepted 1..98"),
+    ("merge=fpet merge.layer=12", "merge.layer=12: outside the backbone's 12 blocks; accepted 0..11"),
+    ("merge=bsm merge.r=99", "merge.r=99: accepted 1..98"),
     ("pet.dim=0", "pet.dim=0: the adapter hidden dim must be a positive integer"),
     ("train.batch_size=1001", "train.batch_size=1001: larger than the train800val200 split (1000 images)"),
     ("dataset.protocol=holdout", "dataset.protocol='holdout': accepted ['test', 'val']"),
-    ("merge.split=diagonal", "merge.split='diagonal': accepted ['stripe', 'checkerboard']"),
+    ("merge=bsm merge.split=diagonal", "merge.split='diagonal': accepted ['stripe', 'checkerboard']"),
     ("backbone.checkpoint=/no/such/ViT-B_16.npz", "backbone.checkpoint='/no/such/ViT-B_16.npz': no such file"),
     ("train.epochs=0", "train.epochs=0: must be a positive integer"),
     ("pet.name=prefix", "pet='prefix': accepted"),
@@ -123,12 +123,13 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tmp_
 ])
 def test_bad_config_values_are_named_with_what_is_accepted(make_cfg, override, message):
     with pytest.raises(ConfigError) as err:
-        validate_config(make_cfg(override))
+        validate_config(make_cfg(*override.split()))
     assert message in str(err.value)
 
 
 def test_cli_rejects_bad_config_before_training_and_lists_every_problem(tmp_path):
-    cmd = [sys.executable, str(ROOT / "train.py"), *FAST, f"paths.output_dir={tmp_path}", "pet.dim=0", "merge.r=500"]
+    cmd = [sys.executable, str(ROOT / "train.py"), *FAST, f"paths.output_dir={tmp_path}", "pet.dim=0", "merge=bsm",
+           "merge.r=500"]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert proc.returncode != 0
     assert "pet.dim=0" in proc.stderr and "merge.r=500" in proc.stderr and "nothing was run" in proc.stderr

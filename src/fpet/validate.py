@@ -6,47 +6,31 @@ for every backbone without restating timm's numbers in configs.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from fpet.data import DATASET_KINDS, PROTOCOLS, SPLIT_SIZES
 from fpet.data.transforms import NORMALIZE_MODES
 from fpet.data.vtab import check_task_files
-from fpet.merge import MERGE_STRATEGIES
+from fpet.merge import MERGE_STRATEGIES, MergeConfigError, build_merges
 from fpet.pet import PET_METHODS
 from fpet.pet.inject import TRAINABLE_MODES
-
-SPLITS_ALLOWED = ("stripe", "checkerboard")
 
 
 class ConfigError(ValueError):
     """One or more invalid config values; the message lists each with the accepted values."""
 
 
-@dataclass(frozen=True)
-class Geometry:
-    """What the merge checks need to know about a backbone."""
-
-    depth: int
-    grid: tuple[int, int]
-    num_prefix_tokens: int
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-
-def backbone_geometry(cfg: DictConfig) -> Geometry:
-    """Depth, patch grid and prefix tokens of `cfg.backbone`'s timm architecture (built on the meta device)."""
+def meta_backbone(cfg: DictConfig) -> nn.Module:
+    """`cfg.backbone`'s timm architecture built on the meta device: its geometry, no memory and no weights."""
     kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") else {}
     with torch.device("meta"):
-        vit = timm.create_model(cfg.arch, pretrained=False, num_classes=2, img_size=cfg.img_size, **kwargs)
-    return Geometry(len(vit.blocks), tuple(vit.patch_embed.grid_size), int(getattr(vit, "num_prefix_tokens", 1)))
+        return timm.create_model(cfg.arch, pretrained=False, num_classes=2, img_size=cfg.img_size, **kwargs)
 
 
 def _positive_int(value: object) -> bool:
@@ -103,23 +87,22 @@ def check_pet(cfg: DictConfig) -> list[str]:
     return errors
 
 
-def check_merge(cfg: DictConfig, geometry: Optional[Geometry]) -> list[str]:
-    """Strategy name, merge layer within the depth, r at most half the patches, split kind."""
-    merge, errors = cfg.merge, []
-    if merge.get("name") not in MERGE_STRATEGIES:
-        errors.append(f"merge={merge.get('name')!r}: accepted {sorted(MERGE_STRATEGIES)}")
-    split = merge.get("split")
-    if split is not None and split not in SPLITS_ALLOWED:
-        errors.append(f"merge.split={split!r}: accepted {list(SPLITS_ALLOWED)}")
-    if geometry is None:
-        return errors
-    layer, r = merge.get("layer"), merge.get("r")
-    if layer is not None and (not isinstance(layer, int) or not 0 <= layer < geometry.depth):
-        errors.append(f"merge.layer={layer!r}: outside {cfg.backbone.name}'s blocks; accepted 0..{geometry.depth - 1}")
-    if r is not None and (not _positive_int(r) or r > geometry.num_patches // 2):
-        errors.append(f"merge.r={r!r}: accepted 1..{geometry.num_patches // 2} (at most half of the "
-                      f"{geometry.num_patches} patches of a {geometry.grid[0]}x{geometry.grid[1]} grid)")
-    return errors
+def check_merge(cfg: DictConfig, vit: Optional[nn.Module]) -> list[str]:
+    """Strategy name, and on the meta backbone every rule the merge schedule enforces (`merge_problems`: layer
+    within the depth, r at most half the patches, split kind) plus the strategy's own grid checks."""
+    name = cfg.merge.get("name")
+    if name not in MERGE_STRATEGIES:
+        return [f"merge={name!r}: accepted {sorted(MERGE_STRATEGIES)}"]
+    if vit is None:
+        return []
+    try:
+        with torch.device("meta"):
+            build_merges(cfg.merge, vit)
+    except MergeConfigError as err:
+        return err.problems
+    except ValueError as err:  # e.g. a patch grid too small for the split
+        return [f"merge={name}: {err}"]
+    return []
 
 
 def check_paths(cfg: DictConfig) -> list[str]:
@@ -148,13 +131,13 @@ DATASET_CHECKS: dict[str, Callable[[DictConfig, Path], list[str]]] = {"vtab": ch
 def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
     """Raise `ConfigError` listing every invalid value of `cfg` (nothing has been read or built yet)."""
     errors = check_train(cfg) + check_dataset(cfg) + check_pet(cfg)
-    geometry = None
+    vit = None
     try:
-        geometry = backbone_geometry(cfg.backbone)
+        vit = meta_backbone(cfg.backbone)
     except Exception as err:  # unknown timm arch or bad kwargs
         errors.append(f"backbone.arch={cfg.backbone.get('arch')!r} with kwargs "
                       f"{dict(cfg.backbone.get('kwargs') or {})}: timm cannot build it ({type(err).__name__}: {err})")
-    errors += check_merge(cfg, geometry)
+    errors += check_merge(cfg, vit)
     if check_files:
         errors += check_paths(cfg)
     if errors:

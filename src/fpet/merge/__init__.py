@@ -10,7 +10,8 @@ from fpet.merge.base import Reduce, TokenMerge, merge_wavg
 from fpet.merge.bipartite import BipartiteSoftMatching, bipartite_soft_matching, checkerboard_split, stripe_split
 from fpet.merge.fpet import FPETMerge, bipartite_differentiable_matching
 from fpet.merge.pool import NeighbourPool
-from fpet.merge.schedule import build_bsm, build_fpet, build_pool, build_tome
+from fpet.merge.schedule import (MergeConfigError, build_bsm, build_fpet, build_pool, build_tome, geometry,
+                                 merge_problems)
 
 MergeBuilder = Callable[[DictConfig, nn.Module], dict[int, TokenMerge]]
 """`builder(cfg.merge, vit) -> {block index: strategy}`."""
@@ -26,15 +27,23 @@ MERGE_STRATEGIES: dict[str, MergeBuilder] = {
 
 
 def build_merges(cfg: DictConfig, vit: nn.Module) -> dict[int, TokenMerge]:
-    """The merge schedule for `cfg.merge` on a timm ViT: block index -> strategy module."""
+    """The merge schedule for `cfg.merge` on a timm ViT: block index -> strategy module.
+
+    `MergeConfigError` lists every problem of the config (`merge_problems`); a patch grid too small for the split
+    is a `ValueError` of the strategy's constructor.
+    """
     name = cfg.name
     if name not in MERGE_STRATEGIES:
-        raise ValueError(f"merge={name!r} is not known; choose one of {sorted(MERGE_STRATEGIES)}")
+        raise MergeConfigError([f"merge={name!r}: accepted {sorted(MERGE_STRATEGIES)}"])
+    problems = merge_problems(cfg, geometry(vit))
+    if problems:
+        raise MergeConfigError(problems)
     return MERGE_STRATEGIES[name](cfg, vit)
 
 
 __all__ = [
-    "BipartiteSoftMatching", "FPETMerge", "MERGE_STRATEGIES", "NeighbourPool", "Reduce", "TokenMerge",
+    "BipartiteSoftMatching", "FPETMerge", "MERGE_STRATEGIES", "MergeConfigError", "NeighbourPool", "Reduce",
+    "TokenMerge", "geometry", "merge_problems",
     "bipartite_differentiable_matching", "bipartite_soft_matching", "build_merges", "checkerboard_split",
     "merge_wavg", "stripe_split",
 ]

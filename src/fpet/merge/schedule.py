@@ -6,13 +6,13 @@ tokens removed per merging layer), `split` (`stripe` | `checkerboard`), FPET's `
 """
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 from omegaconf import DictConfig
 from torch import nn
 
 from fpet.merge.base import TokenMerge
-from fpet.merge.bipartite import BipartiteSoftMatching
+from fpet.merge.bipartite import SPLITS, BipartiteSoftMatching
 from fpet.merge.fpet import FPETMerge
 from fpet.merge.pool import NeighbourPool
 
@@ -25,72 +25,92 @@ class Geometry(NamedTuple):
     num_prefix: int
     head_dim: int
 
+    @property
+    def num_patches(self) -> int:
+        return self.grid[0] * self.grid[1]
+
 
 def geometry(vit: nn.Module) -> Geometry:
-    """Blocks, patch grid, prefix tokens (class, distillation) and attention head width of a timm ViT."""
+    """Blocks, patch grid, prefix tokens (class, distillation) and attention head width of a timm ViT (also one
+    built on the meta device)."""
     grid = tuple(int(g) for g in vit.patch_embed.grid_size)
     return Geometry(len(vit.blocks), grid, int(getattr(vit, "num_prefix_tokens", 1)), int(vit.blocks[0].attn.head_dim))
 
 
-def resolve_layers(layer: Any, depth: int, name: str, every_block_if_none: bool = False) -> list[int]:
-    """`merge.layer` (a block index; null = every block where allowed) as a list of block indices."""
-    if layer is None:
-        if every_block_if_none:
-            return list(range(depth))
-        raise ValueError(f"merge={name} merges at one block: set merge.layer to a block index in 0..{depth - 1}")
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < depth:
-        raise ValueError(f"merge.layer={layer} must be a block index in 0..{depth - 1} (this backbone has {depth} "
-                         f"blocks){'; null merges at every block' if every_block_if_none else ''}")
-    return [layer]
+EVERY_BLOCK = {"tome"}
+"""Strategies for which `merge.layer: null` means every block; the others merge at one block."""
+USES_R = {"tome", "bsm"}
+"""Strategies whose `merge.r` says how many tokens a merging block removes."""
 
 
-def check_r(r: Optional[int], geo: Geometry, name: str) -> None:
-    """`merge.r` must be a positive int no larger than half the patch tokens (bipartite matching's limit)."""
-    patches = geo.grid[0] * geo.grid[1]
-    if r is None:
-        return
-    if not isinstance(r, int) or not 1 <= r <= patches // 2:
-        raise ValueError(
-            f"merge.r={r} for merge={name}: bipartite matching merges at most half of the {patches} patch tokens "
-            f"({geo.grid[0]}x{geo.grid[1]} grid) per layer, one per token of set A. Use 1 <= merge.r <= "
-            f"{patches // 2}, or merge.r=null to merge every A token.")
+class MergeConfigError(ValueError):
+    """`cfg.merge` does not fit the strategy or the backbone; `problems` lists each (key, value, accepted)."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
 
 
-def _check_single_grid_split(cfg: DictConfig, layers: list[int]) -> None:
-    if cfg.split == "checkerboard" and len(layers) > 1:
-        raise ValueError("merge.split=checkerboard needs the full patch grid, so it works at one merge layer only; "
-                         "merge.layer=null merges at every block. Set merge.layer to one block or use "
-                         "merge.split=stripe.")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def merge_problems(cfg: DictConfig, geo: Geometry) -> list[str]:
+    """Every problem of `cfg.merge` (layer, r, split) for a backbone of geometry `geo`; empty when it builds.
+
+    The one place the rules live: `build_merges` raises them, `fpet.validate` lists them before anything is built.
+    """
+    name, layer, r, split = cfg.name, cfg.get("layer"), cfg.get("r"), cfg.get("split")
+    if name == "none":
+        return []
+    last, every = geo.depth - 1, name in EVERY_BLOCK
+    problems = []
+    if layer is None and not every:
+        problems.append(f"merge.layer=None: merge={name} merges at one block; accepted 0..{last}")
+    elif layer is not None and (not _is_int(layer) or not 0 <= layer <= last):
+        problems.append(f"merge.layer={layer!r}: outside the backbone's {geo.depth} blocks; accepted 0..{last}"
+                        + ("; null merges at every block" if every else ""))
+    if name in USES_R and r is not None and (not _is_int(r) or not 1 <= r <= geo.num_patches // 2):
+        problems.append(
+            f"merge.r={r!r}: accepted 1..{geo.num_patches // 2} or null (bipartite matching merges at most half "
+            f"of the {geo.num_patches} patch tokens of a {geo.grid[0]}x{geo.grid[1]} grid per layer, one per "
+            f"token of set A; null merges every A token)")
+    if name == "fpet" and r is not None:
+        problems.append(f"merge.r={r!r}: merge=fpet merges every token of set A (the split fixes how many); "
+                        f"accepted null")
+    if split is not None and split not in SPLITS:
+        problems.append(f"merge.split={split!r}: accepted {list(SPLITS)}")
+    elif split == "checkerboard" and every and layer is None:
+        problems.append("merge.split=checkerboard needs the full patch grid, so it works at one merge layer only; "
+                        "merge.layer=null merges at every block. Set merge.layer to one block or use "
+                        "merge.split=stripe.")
+    return problems
+
+
+def _layers(cfg: DictConfig, geo: Geometry) -> list[int]:
+    """`merge.layer` as block indices (null = every block); `merge_problems` has checked it."""
+    return list(range(geo.depth)) if cfg.layer is None else [cfg.layer]
 
 
 def build_tome(cfg: DictConfig, vit: nn.Module) -> dict[int, TokenMerge]:
     """`merge=tome`: `r` tokens at every block (`layer: null`) or at one block."""
     geo = geometry(vit)
-    layers = resolve_layers(cfg.layer, geo.depth, cfg.name, every_block_if_none=True)
-    check_r(cfg.r, geo, cfg.name)
-    _check_single_grid_split(cfg, layers)
-    return {i: BipartiteSoftMatching(cfg.r, cfg.split, geo.grid, geo.num_prefix) for i in layers}
+    return {i: BipartiteSoftMatching(cfg.r, cfg.split, geo.grid, geo.num_prefix) for i in _layers(cfg, geo)}
 
 
 def build_bsm(cfg: DictConfig, vit: nn.Module) -> dict[int, TokenMerge]:
     """`merge=bsm`: bipartite soft matching once, `r` tokens (98 on a 14x14 grid: 197 -> 99) at `merge.layer`."""
     geo = geometry(vit)
-    (layer,) = resolve_layers(cfg.layer, geo.depth, cfg.name)
-    check_r(cfg.r, geo, cfg.name)
-    return {layer: BipartiteSoftMatching(cfg.r, cfg.split, geo.grid, geo.num_prefix)}
+    return {cfg.layer: BipartiteSoftMatching(cfg.r, cfg.split, geo.grid, geo.num_prefix)}
 
 
 def build_fpet(cfg: DictConfig, vit: nn.Module) -> dict[int, TokenMerge]:
     """`merge=fpet`: bipartite differentiable matching with key refinement once, at `merge.layer`."""
     geo = geometry(vit)
-    (layer,) = resolve_layers(cfg.layer, geo.depth, cfg.name)
-    if cfg.get("r") is not None:
-        raise ValueError(f"merge.r={cfg.r}: merge=fpet merges every token of set A (the split fixes how many); "
-                         f"leave merge.r=null")
     merge = FPETMerge(geo.head_dim, geo.grid, geo.num_prefix, split=cfg.split, stop_grad=bool(cfg.stop_grad),
                       refine_dim=cfg.get("refine_dim"), refine_bits=int(cfg.get("refine_bits", 1)),
                       size_grad=bool(cfg.get("size_grad", False)))
-    return {layer: merge}
+    return {cfg.layer: merge}
 
 
 def build_pool(mode: str):
@@ -98,7 +118,6 @@ def build_pool(mode: str):
 
     def build(cfg: DictConfig, vit: nn.Module) -> dict[int, TokenMerge]:
         geo = geometry(vit)
-        (layer,) = resolve_layers(cfg.layer, geo.depth, cfg.name)
-        return {layer: NeighbourPool(mode, geo.grid, geo.num_prefix)}
+        return {cfg.layer: NeighbourPool(mode, geo.grid, geo.num_prefix)}
 
     return build
