@@ -16,9 +16,9 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 # ... in the processes the joblib / submitit launchers start for a sweep, too
 os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])
 
-from fpet.sweep import register_resolvers  # noqa: E402
+from fpet.config import register_resolvers  # noqa: E402
 
-register_resolvers()  # ${fpet.num_gpus:} in configs/hydra/launcher/local.yaml
+register_resolvers()  # ${fpet.num_gpus:}, ${fpet.layer_tag:} in the configs
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
@@ -26,12 +26,12 @@ def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from fpet.errors import USER_ERRORS
+    from fpet.errors import UserError
     from fpet.train import main as train_main
 
     try:
         return train_main(cfg)["acc"]
-    except USER_ERRORS as err:
+    except UserError as err:
         if HydraConfig.get().mode != RunMode.RUN:
             raise  # a sweep's launcher records the failed job with its traceback
         # a single run: the message says what is wrong and how to fix it; the traceback adds nothing

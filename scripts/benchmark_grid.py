@@ -5,16 +5,16 @@
     python scripts/benchmark_grid.py --pets lora,adaptformer -- backbone=vit_micro bench.infer_batch=32
 
 Cells: full fine-tuning and linear probing without merging, then each of --pets with each of --merges. Each cell
-builds the model (backbone.checkpoint=null), measures it like scripts/benchmark.py (GFLOPs, inference time at
-bench.infer_batch, a training step at bench.train_batch: time, CUDA peak memory, saved-for-backward memory) and
-writes its task checkpoint to count the storage. A cell whose config does not exist or fails is a gap with the
+builds the model (backbone.checkpoint=null) and measures it as a training run's results.json reports it
+(scripts/benchmark.py, the same pipeline): GFLOPs and inference time at bench.infer_batch of the re-parameterised
+model (LoRA / RepAdapter folded), a training step at bench.train_batch (time, CUDA peak memory, saved-for-backward
+memory) and the task file's size. A cell whose config does not exist or fails is a gap with the
 reason. Writes efficiency.json (cells + hardware) and efficiency.md / .tex / .csv to --out.
 """
 import argparse
 import json
 import platform
 import sys
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -23,14 +23,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import torch  # noqa: E402
 
-from fpet.checkpoint import save_task  # noqa: E402
 from fpet.config import compose_config  # noqa: E402
-from fpet.model import build_model  # noqa: E402
-from fpet.profile import profile_model  # noqa: E402
-from fpet.results import describe_device  # noqa: E402
+from fpet.pipeline import resolve_device, script_main, session_from_overrides  # noqa: E402
+from fpet.results import describe_device, plain  # noqa: E402
 from fpet.tables.render import to_csv, to_latex, to_markdown  # noqa: E402
 from fpet.tables.build import efficiency_table  # noqa: E402
-from fpet.train import resolve_device, seed_everything  # noqa: E402
 
 PAPER_PETS = "repadapter,lora,adaptformer,bi_lora,bi_adaptformer"
 
@@ -39,13 +36,10 @@ def measure_cell(pet: str, merge: str, overrides: list[str]) -> dict:
     """Efficiency keys of results.json for one PET x merge cell, or `error` naming why it has none."""
     cell = {"pet": pet, "merge": merge}
     try:
-        cfg = compose_config(["backbone.checkpoint=null", f"pet={pet}", f"merge={merge}", *overrides])
-        seed_everything(int(cfg.seed))
-        model = build_model(cfg).to(resolve_device(cfg.device))
-        cell.update(profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes))
-        with tempfile.TemporaryDirectory() as tmp:
-            cell["storage_bytes"] = save_task(model, Path(tmp) / "task.safetensors")
-        cell.update(backbone=cfg.backbone.name, merge_layer=cfg.merge.get("layer"))
+        session = session_from_overrides([f"pet={pet}", f"merge={merge}", *overrides])
+        cell.update(session.profile())  # FLOPs and latency of the folded model, as a run reports them
+        cell.update(session.storage())
+        cell.update(backbone=session.cfg.backbone.name, merge_layer=plain(session.cfg.merge.get("layer")))
     except Exception as err:  # a missing config or a failing cell is a gap, the grid goes on
         cell["error"] = f"{type(err).__name__}: {str(err).splitlines()[0]}"
     finally:
@@ -92,4 +86,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -25,14 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from fpet.config import compose_config  # noqa: E402
 from fpet.merge.timing import measure_merge_time  # noqa: E402
-from fpet.model import build_model  # noqa: E402
-from fpet.results import fmt  # noqa: E402
-from fpet.pet.reparam import inference_model  # noqa: E402
+from fpet.pipeline import script_main, session_from_overrides  # noqa: E402
 from fpet.profile import count_flops, count_tokens_out, measure_latency, measure_training  # noqa: E402
-from fpet.results import describe_device  # noqa: E402
-from fpet.train import reparameterize_enabled, resolve_device, seed_everything  # noqa: E402
+from fpet.results import describe_device, fmt  # noqa: E402
 
 DEFAULT_VARIANTS = ("merge=none", "merge=tome", "merge=bsm", "merge=fpet")
 TIMED = ("latency_ms", "train_s_per_iter", "train_act_mb", "peak_mem_mb", "merge_ms", "merge_frac")
@@ -54,11 +50,9 @@ class Variant(NamedTuple):
 
 def build_variant(variant: str, common: list[str]) -> Variant:
     """Build one variant (random init) and measure what does not change: tokens and FLOPs of its inference form."""
-    cfg = compose_config(["backbone.checkpoint=null", "bench.merge_time=true", *common, *variant.split()])
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.device)
-    model = build_model(cfg).to(device)
-    infer, _ = inference_model(model, reparameterize_enabled(cfg))
+    session = session_from_overrides(["bench.merge_time=true", *common, *variant.split()])
+    cfg, device, model = session.cfg, session.device, session.model
+    infer, _ = session.inference()
     img = cfg.backbone.img_size
     row = {"variant": variant, "merge": cfg.merge.name, "tokens_out": count_tokens_out(infer, img, device),
            "gflops": count_flops(infer, img, device), "device": describe_device(device)}
@@ -141,5 +135,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(True)
-    main()
+    script_main(main)

@@ -19,12 +19,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from fpet.config import compose_config  # noqa: E402
-from fpet.model import build_model  # noqa: E402
-from fpet.pet import PETLayer, inference_model  # noqa: E402
+from fpet.pet import PETLayer  # noqa: E402
+from fpet.pipeline import script_main, session_from_overrides  # noqa: E402
 from fpet.profile import count_flops, measure_latency  # noqa: E402
 from fpet.results import describe_device  # noqa: E402
-from fpet.train import resolve_device, seed_everything  # noqa: E402
 
 VARIANTS = {  # name -> (pet, fold)
     "plain": ("linear", False),
@@ -37,26 +35,26 @@ VARIANTS = {  # name -> (pet, fold)
 
 
 @torch.no_grad()
-def build_variant(pet: str, fold: bool, overrides: list[str], device: torch.device) -> nn.Module:
-    """The model of `pet` with random non-zero branches, folded when `fold`, in eval mode on `device`."""
-    cfg = compose_config(["backbone.checkpoint=null", f"pet={pet}", *overrides])
-    seed_everything(int(cfg.seed))
-    model = build_model(cfg)
-    for layer in model.modules():
+def build_variant(name: str, pet: str, fold: bool, overrides: list[str]) -> tuple[nn.Module, object]:
+    """`(model, session)`: the model of `pet` with random non-zero branches, folded by the pipeline when `fold`,
+    in eval mode on the session's device."""
+    session = session_from_overrides([f"pet={pet}", f"eval.reparameterize={str(fold).lower()}", *overrides])
+    for layer in session.model.modules():
         if isinstance(layer, PETLayer):
             for p in layer.pet_parameters():
                 p.normal_(0.0, 0.02)
-    if fold:
-        model, report = inference_model(model)
-        assert report.reparameterized and not report.kept, report
-    return model.to(device).eval()
+    model, report = session.inference()
+    if fold and (not report.reparameterized or report.kept):
+        raise RuntimeError(f"{name}: expected pet={pet} to fold completely, got {report}")
+    print(f"built {name}", file=sys.stderr, flush=True)
+    return model.eval(), session
 
 
 def compare(overrides: list[str], rounds: int) -> dict:
     """GFLOPs and the median latency over `rounds` of every variant, with ratios to `plain`."""
-    cfg = compose_config(["backbone.checkpoint=null", *overrides])
-    device = resolve_device(cfg.device)
-    models = {name: build_variant(pet, fold, overrides, device) for name, (pet, fold) in VARIANTS.items()}
+    built = {name: build_variant(name, pet, fold, overrides) for name, (pet, fold) in VARIANTS.items()}
+    models = {name: model for name, (model, _) in built.items()}
+    cfg, device = built["plain"][1].cfg, built["plain"][1].device
     img = cfg.backbone.img_size
     out = {name: {"gflops": count_flops(m, img, device), "latency_ms": []} for name, m in models.items()}
     names = list(models)
@@ -65,6 +63,7 @@ def compare(overrides: list[str], rounds: int) -> dict:
             lat = measure_latency(models[name], cfg.bench.infer_batch, img, cfg.bench.repeats, cfg.bench.warmup,
                                   cfg.bench.dtype)
             out[name]["latency_ms"].append(lat["latency_ms"])
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
     for row in out.values():
         row["latency_ms"] = statistics.median(row["latency_ms"])
     base = out["plain"]
@@ -95,4 +94,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

@@ -19,6 +19,7 @@ from fpet.config import compose_config  # noqa: E402
 from fpet.merge import MERGE_STRATEGIES  # noqa: E402
 from fpet.results import fmt  # noqa: E402
 from fpet.train import run  # noqa: E402
+from fpet.pipeline import script_main  # noqa: E402
 
 DEFAULT_MERGES = ("none", "fpet")
 
@@ -59,4 +60,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

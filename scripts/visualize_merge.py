@@ -20,11 +20,10 @@ sys.path.insert(0, str(ROOT / "src"))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from fpet.config import compose_config  # noqa: E402
+from fpet.config import compose_config, layer_tag  # noqa: E402
 from fpet.data import SyntheticTask  # noqa: E402
 from fpet.data.transforms import ToFloat  # noqa: E402
-from fpet.model import build_model  # noqa: E402
-from fpet.train import seed_everything  # noqa: E402
+from fpet.pipeline import script_main, seed_everything, session_from_overrides  # noqa: E402
 from fpet.visualize import merge_groups, render_groups, save_panels, trained_model, with_merge  # noqa: E402
 
 
@@ -53,13 +52,14 @@ def visualize(overrides: list[str], merges: list[str], out: str, image_path: str
         cfg = compose_config([*base, f"merge={merge}"])
         seed_everything(int(cfg.seed))
         if trained is None:
-            model = build_model(cfg)
+            session = session_from_overrides([*base, f"merge={merge}"], random_init=False)
+            model, cfg = session.model, session.cfg
         elif trained[1].merge.name == merge:  # the strategy it was trained with: its trained merge parameters
             model, cfg = trained
         else:
             model = with_merge(trained[0], cfg.merge)
         groups, tokens = merge_groups(model, ToFloat(cfg.dataset.get("normalize", "none"))(image))
-        where = "every block" if cfg.merge.layer is None else f"block {cfg.merge.layer}"
+        where = "every block" if cfg.merge.layer is None else f"block {layer_tag(cfg.merge.layer)}"
         panels.append((f"{merge} ({where}): {tokens} tokens", render_groups(panels[0][1], groups, seed=seed)))
     return save_panels(panels, out)
 
@@ -80,4 +80,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    script_main(main)

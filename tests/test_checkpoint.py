@@ -16,13 +16,13 @@ from torch import nn
 from conftest import FAST, ROOT
 from fpet import build_model
 from fpet.backbone import CheckpointError
-from fpet.checkpoint import (load_task, pack_bits, save_task, task_metadata, task_storage_bytes, task_tensors,
-                             unpack_bits)
+from fpet.checkpoint import load_task, save_task, task_metadata, task_storage_bytes
+from fpet.pet.pack import pack_bits, task_tensors, unpack_bits
 from fpet.config import compose_config
 from fpet.pet import BinaryLinear
 from fpet.results import load_complete_results
 from fpet.tables.collect import load_runs
-import fpet.train
+import fpet.pet.reparam
 from fpet.train import run
 from fpet.validate import ConfigError
 from fpet.vit import TokenViT
@@ -78,7 +78,8 @@ def test_1bit_weights_inside_a_merge_strategy_are_packed_and_restored(make_cfg, 
     models = []
     for _ in range(2):
         model = build_model(cfg)
-        models.append(TokenViT(model.vit, {6: RefinedPairMerge(model.vit.blocks[0].attn.head_dim)}))
+        models.append(TokenViT(model.vit, {6: RefinedPairMerge(model.vit.blocks[0].attn.head_dim)},
+                               pet_method=model.pet_method))
     trained, fresh = models
     assert trained.merges["6"].refine.weight.requires_grad  # merge parameters train with the PET
     pairs = [(trained.merges["6"].refine, fresh.merges["6"].refine),
@@ -122,6 +123,8 @@ def lora_task(make_cfg, tmp_path) -> Path:
 @pytest.mark.parametrize("overrides, match", [
     (["pet=adaptformer"], "pet=lora"),
     (["pet.dim=4"], "pet.dim=8"),
+    (["pet.scale=0.5"], "pet.scale=1.0"),
+    (["merge=fpet"], "merge=none"),
     (["dataset.num_classes=10"], "dataset.num_classes=6"),
     (["backbone=vit_b16", "backbone.checkpoint=null"], "backbone=vit_micro"),
 ])
@@ -166,8 +169,9 @@ def test_truncated_foreign_and_pickled_files_are_refused(make_cfg, lora_task, tm
 def test_run_saves_the_task_and_eval_only_cli_reproduces_its_accuracy(make_cfg, tmp_path, monkeypatch):
     fast = ["pet=bi_lora", "bench.latency=false", "bench.train=false"]
     train_dir = tmp_path / "run"
-    folds, real_fold = [], fpet.train.inference_model
-    monkeypatch.setattr(fpet.train, "inference_model", lambda m, enabled: folds.append(m) or real_fold(m, enabled))
+    folds, real_fold = [], fpet.pet.reparam.inference_model
+    monkeypatch.setattr(fpet.pet.reparam, "inference_model",
+                        lambda m, enabled: folds.append(m) or real_fold(m, enabled))
     trained = run(make_cfg(*fast), train_dir)
     assert len(folds) == 1  # one folded copy serves the final evaluation and the profile
     task = train_dir / "task.safetensors"
@@ -191,3 +195,49 @@ def test_eval_only_needs_a_checkpoint(make_cfg, tmp_path):
     with pytest.raises(ConfigError, match="eval_only=true needs checkpoint=PATH"):  # before anything is built
         run(make_cfg("eval_only=true"), tmp_path)
     assert not list(tmp_path.iterdir())
+
+
+def _rewrite(path: Path, out: Path, **meta: str) -> Path:
+    """`path` with its safetensors metadata changed (e.g. to an older format version)."""
+    with safe_open(str(path), "pt") as f:
+        old = f.metadata()
+    save_file(load_file(str(path)), str(out), metadata={**old, **meta})
+    return out
+
+
+def test_version_1_files_with_1bit_weights_are_refused_and_others_still_load(make_cfg, tmp_path):
+    """Version 1 stored 1-bit weights for the level 0.7979; read with 0.6745 they would be another model."""
+    cfg = make_cfg("pet=bi_lora")
+    model = build_model(cfg)
+    path = tmp_path / "bi.safetensors"
+    save_task(model, path, task_metadata(cfg, model))
+    old = _rewrite(path, tmp_path / "bi_v1.safetensors", format_version="1")
+    with pytest.raises(CheckpointError, match="level 0.7979.*Train the task again"):
+        load_task(model, old)
+    cfg = make_cfg("pet=lora")
+    trained, fresh = build_pair(cfg)
+    path = tmp_path / "lora.safetensors"
+    save_task(trained, path)
+    v1_info = {"backbone": "vit_micro", "embed_dim": 64, "depth": 12, "pet": "lora", "pet_dim": 8, "pet_scale": 1.0,
+               "merge": "none", "merge_layer": None, "merge_r": None, "merge_split": None, "num_classes": 6}
+    old = _rewrite(path, tmp_path / "lora_v1.safetensors", format_version="1", fpet=json.dumps(v1_info))
+    load_task(fresh, old, task_metadata(cfg, fresh))
+    images = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(fresh(images), trained(images))
+    wrong = make_cfg("pet=lora", "pet.dim=4")
+    with pytest.raises(CheckpointError, match="pet.dim=8"):
+        load_task(build_model(wrong), old, task_metadata(wrong, build_model(wrong)))
+
+
+def test_task_files_get_the_users_umask_not_0600(make_cfg, tmp_path):
+    cfg = make_cfg("pet=lora")
+    model = build_model(cfg)
+    import os
+
+    old = os.umask(0o022)
+    try:
+        save_task(model, tmp_path / "task.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "task.safetensors").stat().st_mode & 0o777 == 0o644

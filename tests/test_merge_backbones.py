@@ -25,7 +25,7 @@ def test_deit_class_and_distillation_tokens_are_protected_and_first(make_cfg, im
     model = build_model(make_cfg(*TINY_DEIT, f"merge={merge}")).eval()
     assert model.num_prefix_tokens == 2
     seen = []
-    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((args[0], out[0])))
+    hooks = [m.register_forward_hook(lambda m, args, out: seen.append((args[0].x, out.x)))
              for m in model.merges.values()]
     with torch.no_grad():
         state = model.forward_tokens(images, track_source=True)

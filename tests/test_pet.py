@@ -62,5 +62,5 @@ def test_injection_needs_a_match_and_a_positive_dim():
 
 
 def test_unknown_pet_method_is_an_error(make_cfg):
-    with pytest.raises(ValueError, match="pet='nope' is not known"):
+    with pytest.raises(ValueError, match="pet='nope': accepted"):
         build_model(make_cfg("pet.name=nope"))

@@ -1,4 +1,5 @@
-"""1-bit layers (Bi-LoRA, Bi-AdaptFormer): two values per matrix in the forward pass, gradients to latent weights."""
+"""1-bit layers (Bi-LoRA, Bi-AdaptFormer, FPET's refinement): the official QLinear's two values per matrix in the
+forward pass, gradients to the latent weights."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -10,7 +11,18 @@ import torch.nn.functional as F
 import fpet.pet.binary as binary
 from fpet import build_model
 from fpet.pet import BinaryLinear, binarize
-from fpet.pet.binary import GAUSS_1BIT_LEVEL
+from fpet.pet.binary import ONE_BIT_LEVEL
+
+OFFICIAL_LEVEL = 0.6745
+"""The official `QLinear.quantize(bit=1)` code value, written out here: its loop stops at norm.ppf([0.25, 0.75])."""
+
+
+def official_weight(w: torch.Tensor) -> torch.Tensor:
+    """The official QLinear forward weight, from its formula: standardise by the whole matrix's mean and unbiased
+    std (+ 1e-5), `sign(z) * 0.6745`, rescale."""
+    mean, std = w.mean(), w.std(unbiased=True)
+    z = (w - mean) / (std + 1e-5)
+    return torch.sign(z) * OFFICIAL_LEVEL * std + mean
 
 
 @pytest.mark.parametrize("pet, per_block", [("bi_lora", 4), ("bi_adaptformer", 2)])
@@ -32,8 +44,8 @@ def test_every_1bit_matrix_takes_exactly_two_values_in_the_forward_pass(make_cfg
     for weight, layer in zip(seen, layers):
         values = weight.unique()
         w = layer.weight.detach()
-        expected = torch.stack([w.mean() - GAUSS_1BIT_LEVEL * w.std(), w.mean() + GAUSS_1BIT_LEVEL * w.std()])
-        assert values.numel() == 2 and torch.allclose(values, expected, rtol=1e-5, atol=1e-8)
+        expected = official_weight(w).unique()
+        assert values.numel() == 2 and torch.allclose(values, expected, rtol=1e-4, atol=1e-8)
 
 
 @pytest.mark.parametrize("pet", ["bi_lora", "bi_adaptformer"])
@@ -54,7 +66,7 @@ def test_straight_through_gradient_matches_the_official_formulation():
     w2 = w.detach().clone().requires_grad_()
     mean, std = w2.mean(), w2.std()
     z = (w2 - mean) / (std + 1e-5)
-    zq = torch.where(z >= 0, GAUSS_1BIT_LEVEL, -GAUSS_1BIT_LEVEL).detach()
+    zq = torch.where(z >= 0, ONE_BIT_LEVEL, -ONE_BIT_LEVEL).detach()
     ((zq * std + mean + std.detach() * z) * g).sum().backward()
     assert torch.allclose(w.grad, w2.grad, atol=1e-6) and w.grad.abs().sum() > 0
 
@@ -75,3 +87,31 @@ def test_loaded_1bit_weights_reproduce_the_forward_pass_bit_for_bit():
     assert torch.equal(loaded.weight, binarize(layer.weight))
     with pytest.raises(ValueError, match="does not fit"):
         BinaryLinear(32, 64).load_quantized(*layer.quantize())
+
+
+def test_the_level_is_the_median_of_a_half_gaussian_not_its_centroid():
+    assert abs(ONE_BIT_LEVEL - OFFICIAL_LEVEL) < 1e-4
+    z = torch.randn(2_000_000, generator=torch.Generator().manual_seed(0)).abs()
+    assert abs(z.median().item() - ONE_BIT_LEVEL) < 2e-3          # median of |z|: the official level
+    assert abs(z.mean().item() - ONE_BIT_LEVEL) > 0.1              # the centroid sqrt(2/pi) = 0.7979 is not
+
+
+@pytest.mark.parametrize("pet, merge", [("bi_lora", "none"), ("bi_adaptformer", "none"), ("lora", "fpet")])
+def test_logits_equal_the_official_formula_for_every_1bit_layer(make_cfg, images, monkeypatch, pet, merge):
+    """Non-trivial latent weights; the model's logits with our 1-bit layers equal those with every 1-bit weight
+    computed by the official formula."""
+    model = build_model(make_cfg(f"pet={pet}", f"merge={merge}")).eval()
+    layers = [m for m in model.modules() if isinstance(m, BinaryLinear)]
+    assert layers
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.normal_(0.0, 0.05)
+        ours = model(images)
+        monkeypatch.setattr(BinaryLinear, "quantized_weight", lambda self: official_weight(self.weight))
+        official = model(images)
+        monkeypatch.setattr(BinaryLinear, "quantized_weight",
+                            lambda self: (official_weight(self.weight) - self.weight.mean()) * 0.7979 / OFFICIAL_LEVEL
+                            + self.weight.mean())
+        centroid = model(images)
+    assert torch.allclose(ours, official, atol=1e-5)
+    assert not torch.allclose(ours, centroid, atol=1e-4)  # the old level would give another model

@@ -146,7 +146,8 @@ def one_step(model: nn.Module, images: torch.Tensor) -> float:
 def test_every_pet_and_merge_builds_and_trains_one_step(make_cfg, images, pet, merge):
     if merge == "pair":  # a test-only strategy at block 6 (197 -> 99 tokens)
         cfg = make_cfg(f"pet={pet}")
-        model = TokenViT(build_model(cfg).vit, {6: PairMerge()})
+        built = build_model(cfg)
+        model = TokenViT(built.vit, {6: PairMerge()}, pet_method=built.pet_method)
         set_trainable(model, cfg.pet.trainable)
     else:  # every registered strategy, by its config
         cfg = make_cfg(f"pet={pet}", f"merge={merge}")

@@ -28,7 +28,7 @@ def randomize_pet(model: nn.Module, std: float = 0.05, seed: int = 1) -> None:
 
 
 def with_merge(model: nn.Module, merge: str) -> nn.Module:
-    return TokenViT(model.vit, {6: PairMerge()}) if merge == "pair" else model
+    return TokenViT(model.vit, {6: PairMerge()}, pet_method=model.pet_method) if merge == "pair" else model
 
 
 def max_logit_gap(a: nn.Module, b: nn.Module, images: torch.Tensor) -> float:

@@ -110,7 +110,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tmp_
 
 
 @pytest.mark.parametrize("override, message", [
-    ("merge=fpet merge.layer=12", "merge.layer=12: outside the backbone's 12 blocks; accepted 0..11"),
+    ("merge=fpet merge.layer=12", "merge.layer=12: outside the backbone's 12 blocks; accepted an index 0..11"),
     ("merge=bsm merge.r=99", "merge.r=99: accepted 1..98"),
     ("pet.dim=0", "pet.dim=0: the adapter hidden dim must be a positive integer"),
     ("train.batch_size=1001", "train.batch_size=1001: larger than the train800val200 split (1000 images)"),

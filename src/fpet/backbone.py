@@ -17,12 +17,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fpet.errors import UserError
+
 log = logging.getLogger(__name__)
 
 STATE_DICT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A weight file that is missing, unreadable, or does not fit the model."""
 
 

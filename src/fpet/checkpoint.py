@@ -1,93 +1,60 @@
 """Task checkpoints: only what a task trained (PET, head, merge parameters), as safetensors.
 
-Layout of a task file:
+Layout of a task file (format version 2):
 
-- every trained parameter by its model name (`vit.blocks.0.attn.qkv.lora_q.down.weight`, `vit.head.weight`, ...),
-  float32 as trained;
-- every trained `BinaryLinear` weight (Bi-LoRA, Bi-AdaptFormer, FPET's key-refinement adapter, wherever it sits)
-  as `<name>.bits` (the sign bits packed 8 per uint8, little-endian bit order) plus `<name>.mean` and
-  `<name>.std` (0-d float32): 1/32 of the fp32 size;
-- metadata (the safetensors header's string map): `format`, `format_version` and `fpet`, a JSON object naming the
-  backbone, PET method, merge strategy and class count the file belongs to.
+- the tensors of the model's PET method record (`pack`; default `fpet.pet.pack`): every trained parameter by its
+  model name, float32 as trained, and packed layers in their own form (a 1-bit `BinaryLinear` weight as
+  `<name>.weight.bits` + `.weight.mean` + `.weight.std`, 1/32 of the fp32 size);
+- metadata (the safetensors header's string map): `format`, `format_version`, `one_bit_level` (the 1-bit level the
+  packed weights are to be read with) and `fpet`, a JSON object naming the backbone, the PET and merge configs and
+  the class count the file belongs to.
 
 Loading is strict: the file must be a readable safetensors file (never a pickle), its metadata must match the
-model's config, and its tensor names, shapes and dtypes must be exactly the ones the model trains.
+model's config, and its tensor names, shapes and dtypes must be exactly the ones the model trains. Version-1 files
+(before the 1-bit level was corrected to the official 0.6745) load only when they hold no 1-bit weights.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from safetensors import safe_open
-from safetensors.torch import save, save_file
+from safetensors.torch import save
 from torch import Tensor, nn
 
 from fpet.backbone import CheckpointError
-from fpet.pet.binary import BinaryLinear
-from fpet.pet.inject import head_module
+from fpet.fileio import atomic_open
+from fpet.pet.binary import ONE_BIT_LEVEL
+from fpet.pet.pack import load_tensors, task_tensors
 
 FORMAT = "fpet-task"
-FORMAT_VERSION = "1"
-
-CHECKED_FIELDS = {
-    "backbone": "backbone", "embed_dim": "backbone", "depth": "backbone", "pet": "pet", "pet_dim": "pet.dim",
-    "pet_scale": "pet.scale", "merge": "merge", "merge_layer": "merge.layer", "merge_r": "merge.r",
-    "merge_split": "merge.split", "num_classes": "dataset.num_classes",
-}
-"""Metadata field -> the override that sets it; a file whose field differs from the model's config is refused."""
+FORMAT_VERSION = "2"
+FREE_KEYS = {"pet": ("scales", "dropout"), "merge": ("tag",)}
+"""Config keys of a task file's groups that may differ when it is loaded (training-only or naming)."""
+V1_FIELDS = {"pet": "pet", "pet_dim": "pet.dim", "pet_scale": "pet.scale", "merge": "merge",
+             "merge_layer": "merge.layer", "merge_r": "merge.r", "merge_split": "merge.split"}
+"""Version-1 metadata field -> the config key it recorded."""
 
 
-def pack_bits(bits: Tensor) -> Tensor:
-    """Bool tensor (any shape) -> uint8 `[ceil(n / 8)]`, 8 bits per byte, bit i of a byte = element 8k + i."""
-    flat = bits.flatten().to(torch.uint8)
-    flat = torch.cat([flat, flat.new_zeros(-flat.numel() % 8)])
-    weights = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
-    return (flat.view(-1, 8).int() * weights).sum(dim=1).to(torch.uint8)
-
-
-def unpack_bits(packed: Tensor, shape: torch.Size) -> Tensor:
-    """uint8 `[ceil(n / 8)]` -> bool tensor of `shape` (inverse of `pack_bits`)."""
-    n = math.prod(shape)
-    shifts = torch.arange(8, dtype=torch.int32)
-    bits = (packed.int().unsqueeze(1) >> shifts) & 1
-    return bits.flatten()[:n].bool().view(shape)
+def _group(cfg: DictConfig, group: str) -> dict[str, Any]:
+    values = OmegaConf.to_container(cfg[group], resolve=True)
+    return {k: v for k, v in values.items() if k not in FREE_KEYS.get(group, ())}
 
 
 def task_metadata(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
-    """What a task file belongs to: backbone, PET method, merge strategy, class count (plus the task's name)."""
+    """What a task file belongs to: backbone, the PET and merge configs, class count (plus the task's name)."""
     vit = getattr(model, "vit", model)
-    return {
-        "backbone": cfg.backbone.name, "arch": cfg.backbone.arch, "embed_dim": int(vit.embed_dim),
-        "depth": len(vit.blocks), "pet": cfg.pet.name, "pet_dim": cfg.pet.get("dim"),
-        "pet_scale": cfg.pet.get("scale"), "merge": cfg.merge.name, "merge_layer": cfg.merge.get("layer"),
-        "merge_r": cfg.merge.get("r"), "merge_split": cfg.merge.get("split"),
-        "num_classes": int(cfg.dataset.num_classes), "task": cfg.dataset.name,
-    }
-
-
-def task_tensors(model: nn.Module, include_head: bool = True) -> dict[str, Tensor]:
-    """Name -> CPU tensor of everything `model` trains (parameters that require grad), 1-bit weights packed."""
-    binary = {f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, BinaryLinear)}
-    head = {id(p) for p in head_module(model).parameters()}
-    out: dict[str, Tensor] = {}
-    for name, param in model.named_parameters():
-        if not param.requires_grad or (not include_head and id(param) in head):
-            continue
-        if name in binary:
-            bits, mean, std = binary[name].quantize()
-            out.update({f"{name}.bits": pack_bits(bits), f"{name}.mean": mean.float(), f"{name}.std": std.float()})
-        else:
-            out[name] = param.detach().cpu().contiguous()
-    return out
+    return {"backbone": cfg.backbone.name, "arch": cfg.backbone.arch, "embed_dim": int(vit.embed_dim),
+            "depth": len(vit.blocks), "img_size": int(cfg.backbone.img_size), "pet": _group(cfg, "pet"),
+            "merge": _group(cfg, "merge"), "num_classes": int(cfg.dataset.num_classes), "task": cfg.dataset.name}
 
 
 def _file_metadata(info: Optional[dict[str, Any]]) -> dict[str, str]:
-    return {"format": FORMAT, "format_version": FORMAT_VERSION, "fpet": json.dumps(info or {})}
+    return {"format": FORMAT, "format_version": FORMAT_VERSION, "one_bit_level": repr(ONE_BIT_LEVEL),
+            "fpet": json.dumps(info or {})}
 
 
 def save_task(model: nn.Module, path: str | Path, info: Optional[dict[str, Any]] = None) -> int:
@@ -95,12 +62,10 @@ def save_task(model: nn.Module, path: str | Path, info: Optional[dict[str, Any]]
 
     `info` is `task_metadata(cfg, model)`; loading checks it against the loading model's config.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(task_tensors(model), str(tmp), metadata=_file_metadata(info))
-    os.replace(tmp, path)
-    return path.stat().st_size
+    data = save(task_tensors(model), metadata=_file_metadata(info))
+    with atomic_open(path, "wb") as f:
+        f.write(data)
+    return len(data)
 
 
 def task_storage_bytes(model: nn.Module, include_head: bool = True, info: Optional[dict[str, Any]] = None) -> int:
@@ -109,7 +74,7 @@ def task_storage_bytes(model: nn.Module, include_head: bool = True, info: Option
 
 
 def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """`(info, tensors)` of a task file; clear errors for a missing, truncated or foreign file."""
+    """`(info, tensors)` of a task file; clear errors for a missing, truncated, foreign or outdated file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint={str(path)!r} does not exist; pass checkpoint=PATH to the "
@@ -125,20 +90,62 @@ def read_task_file(path: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]
     if meta.get("format") != FORMAT or "fpet" not in meta:
         raise CheckpointError(f"{path} is a safetensors file but not an fpet task checkpoint (metadata format="
                               f"{meta.get('format')!r}); a backbone weight file goes to backbone.checkpoint=PATH")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(f"{path} has task format version {meta.get('format_version')!r}; this code reads "
-                              f"version {FORMAT_VERSION}")
-    return json.loads(meta["fpet"]), tensors
+    version = meta.get("format_version")
+    if version == "1" and any(key.endswith(".bits") for key in tensors):
+        raise CheckpointError(
+            f"{path} is a version-1 task file with 1-bit weights, written with the 1-bit level 0.7979 (sqrt(2/pi)); "
+            f"this code uses the official level {ONE_BIT_LEVEL:.4f}, so those weights would not give the model "
+            f"that was trained. Train the task again to get a version-{FORMAT_VERSION} file.")
+    if version not in ("1", FORMAT_VERSION):
+        raise CheckpointError(f"{path} has task format version {version!r}; this code reads version "
+                              f"{FORMAT_VERSION} (and version 1 without 1-bit weights)")
+    info = json.loads(meta["fpet"])
+    return (_from_v1(info) if version == "1" else info), tensors
+
+
+def _from_v1(info: dict[str, Any]) -> dict[str, Any]:
+    """Version-1 metadata (flat fields) as the parts of the version-2 layout it has."""
+    out = {k: info.get(k) for k in ("backbone", "arch", "embed_dim", "depth", "num_classes", "task")}
+    out["pet"] = {"name": info.get("pet"), "dim": info.get("pet_dim"), "scale": info.get("pet_scale")}
+    out["merge"] = {"name": info.get("merge"), "layer": info.get("merge_layer"), "r": info.get("merge_r"),
+                    "split": info.get("merge_split")}
+    out["version"] = 1
+    return out
+
+
+def metadata_differences(found: dict[str, Any], expected: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """`override -> (file value, config value)` for every identity field that differs (only the keys the file
+    records are compared, so a key added by a newer version does not refuse older files)."""
+    diff: dict[str, tuple[Any, Any]] = {}
+    overrides = {"backbone": "backbone", "embed_dim": "backbone.kwargs.embed_dim", "depth": "backbone.kwargs.depth",
+                 "img_size": "backbone.img_size", "num_classes": "dataset.num_classes"}
+    for key, override in overrides.items():
+        if key in ("embed_dim", "depth") and "backbone" in diff:
+            continue  # another backbone: its width and depth differ too
+        if key in found and found.get(key) != expected.get(key):
+            diff[override] = (found.get(key), expected.get(key))
+    for group in ("pet", "merge"):
+        ours, theirs = found.get(group) or {}, expected.get(group) or {}
+        for key, value in ours.items():
+            if key in FREE_KEYS.get(group, ()) or key not in theirs:
+                continue
+            if value != theirs[key]:
+                diff[group if key == "name" else f"{group}.{key}"] = (value, theirs[key])
+    return diff
 
 
 def check_metadata(path: str | Path, found: dict[str, Any], expected: dict[str, Any]) -> None:
-    """Raise if the file's backbone / method / merge / class count differ from the model's config."""
-    bad = {k: (found.get(k), expected.get(k)) for k in CHECKED_FIELDS if found.get(k) != expected.get(k)}
+    """Raise if the file's backbone / PET / merge config / class count differ from the model's config."""
+    bad = metadata_differences(found, expected)
     if bad:
-        fixes = " ".join(sorted({f"{CHECKED_FIELDS[k]}={v[0]}" for k, v in bad.items()}))
+        fixes = " ".join(f"{k}={override_value(v[0])}" for k, v in bad.items())
         detail = ", ".join(f"{k}: file {v[0]!r} vs config {v[1]!r}" for k, v in bad.items())
         raise CheckpointError(f"{path} was trained for another model ({detail}). Evaluate it with the settings "
                               f"it was trained with, e.g. {fixes}")
+
+
+def override_value(value: Any) -> str:
+    return "null" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
 def check_tensors(path: str | Path, found: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
@@ -157,18 +164,11 @@ def load_task(model: nn.Module, path: str | Path, expected: Optional[dict[str, A
     """Load a task file into `model` (built by `build_model` from the same config) strictly; returns its info.
 
     `expected` is `task_metadata(cfg, model)`; None skips the metadata check (tensor names are always checked).
-    1-bit weights are unpacked into their `BinaryLinear` layers, which then use them as stored.
+    Packed layers (1-bit weights) get their stored form and use it as is.
     """
     info, tensors = read_task_file(path)
     if expected is not None:
         check_metadata(path, info, expected)
     check_tensors(path, tensors, task_tensors(model))
-    params = dict(model.named_parameters())
-    for name, module in model.named_modules():
-        key = f"{name}.weight"
-        if isinstance(module, BinaryLinear) and f"{key}.bits" in tensors:
-            bits = unpack_bits(tensors.pop(f"{key}.bits"), module.weight.shape)
-            module.load_quantized(bits, tensors.pop(f"{key}.mean"), tensors.pop(f"{key}.std"))
-    for name, tensor in tensors.items():
-        params[name].copy_(tensor)
+    load_tensors(model, tensors)
     return info

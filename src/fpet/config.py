@@ -1,19 +1,44 @@
-"""Compose the Hydra config outside `train.py` (scripts, tests, notebooks)."""
+"""Compose the Hydra config outside `train.py` (scripts, tests, notebooks), and the config's resolvers."""
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
-from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
+def num_gpus(minimum: Any = 0) -> int:
+    """Visible CUDA devices, at least `minimum` (the `${fpet.num_gpus:1}` resolver of the launcher presets)."""
+    import torch
+
+    return max(int(minimum), torch.cuda.device_count())
+
+
+def layer_tag(layer: Any, prefix: str = "") -> str:
+    """`merge.layer` in a run directory name: `6` -> "6", `[2, 6]` -> "2-6", null -> "" (every block); `prefix`
+    goes in front of a non-empty tag (the `${fpet.layer_tag:...}` resolver of the merge configs)."""
+    if layer is None:
+        return ""
+    values = list(layer) if isinstance(layer, (list, tuple, ListConfig)) else [layer]
+    return prefix + "-".join(str(v) for v in values)
+
+
+def register_resolvers() -> None:
+    """Register `${fpet.num_gpus:N}` and `${fpet.layer_tag:...}` (idempotent); before any composition."""
+    for name, fn in (("fpet.num_gpus", num_gpus), ("fpet.layer_tag", layer_tag)):
+        if not OmegaConf.has_resolver(name):
+            OmegaConf.register_new_resolver(name, fn)
+
+
 def compose_config(overrides: Sequence[str] = (), config_name: str = "train") -> DictConfig:
     """The composed train config with command-line style `overrides` (e.g. `["pet=adaptformer"]`)."""
+    from hydra import compose, initialize_config_dir
+
     os.environ.setdefault("PROJECT_ROOT", str(PROJECT_ROOT))
+    register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose(config_name=config_name, overrides=list(overrides))

@@ -1,16 +1,11 @@
-"""The errors that describe a user's input (config, data, files) rather than a bug: their message is the report.
+"""The one base class of the errors that describe a user's input (config, data, files) rather than a bug.
 
-A corrupt cache is not among them: it is rebuilt, never reported (fpet.data.cache).
+Their message is the report: a single run prints `error: <kind>: <message>` and exits without a traceback
+(train.py). Every such error class subclasses `UserError` where it is defined; nothing here imports them. A corrupt
+cache is not among them: it is rebuilt, never reported (fpet.data.cache).
 """
 from __future__ import annotations
 
-from fpet.backbone import CheckpointError
-from fpet.data.vtab import VTABDataError
-from fpet.resume import ResumeError
-from fpet.sweep import RunDirConflict
-from fpet.train import NonFiniteLossError
-from fpet.validate import ConfigError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    CheckpointError, ConfigError, NonFiniteLossError, ResumeError, RunDirConflict, VTABDataError,
-)
+class UserError(Exception):
+    """Bad input that the user can fix; the message names the key or file, the bad value and the fix."""

@@ -1,5 +1,7 @@
 """Atomic file writes: a temporary file in the target's directory, renamed over the target when complete, so a
-killed process never leaves half a file under the final name."""
+killed process never leaves half a file under the final name. The file gets the permissions of any file the
+user writes (0666 minus the umask), not the 0600 of a temporary file, so colleagues on a shared cluster can read
+results and checkpoints."""
 from __future__ import annotations
 
 import os
@@ -7,6 +9,13 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Iterator
+
+
+def current_umask() -> int:
+    """The process umask (read by setting and restoring it)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextmanager
@@ -17,6 +26,7 @@ def atomic_open(path: str | Path, mode: str = "w") -> Iterator[IO]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())
         with os.fdopen(fd, mode) as f:
             yield f
             f.flush()

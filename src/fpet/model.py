@@ -1,23 +1,74 @@
-"""`build_model(cfg)`: backbone -> PET injection -> merge schedule -> freezing (DESIGN section 3)."""
+"""`build_model(cfg)`: backbone -> PET injection -> merge schedule -> freezing; and `model_problems(cfg)`, the
+same steps on the meta device (no memory, no weights), so every rule the builders enforce is checked before any
+work by the code that enforces it."""
 from __future__ import annotations
 
-from omegaconf import DictConfig
+import timm
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from fpet.backbone import create_backbone
-from fpet.merge import build_merges
-from fpet.pet import inject_pet, set_trainable
+from fpet.merge import build_merges, geometry, merge_problems
+from fpet.pet import pet_method, set_trainable
+from fpet.pet.inject import TRAINABLE_MODES
 from fpet.vit import TokenViT
 
 
 def build_model(cfg: DictConfig) -> TokenViT:
     """The complete model for a composed train config; `cfg.dataset.num_classes` sizes the head.
 
-    The timm `VisionTransformer` is `model.vit`; PET layers are injected into it by module replacement; merge
-    strategies sit in `model.merges` keyed by block index; only PET, head and merge parameters require grad
-    (`pet.trainable` changes that for full fine-tuning and linear probing).
+    The timm `VisionTransformer` is `model.vit`; the PET method (its record: `model.pet_method`) is injected into it;
+    merge strategies sit in `model.merges` keyed by block index; only what the method trains, the head and the
+    merge parameters require grad (`pet.trainable` = all | head changes that for full fine-tuning and linear
+    probing).
     """
+    method = pet_method(cfg.pet.name)
     vit, pre_logits = create_backbone(cfg.backbone, num_classes=cfg.dataset.num_classes)
-    inject_pet(vit, cfg.pet)
-    model = TokenViT(vit, build_merges(cfg.merge, vit), pre_logits=pre_logits)
+    method.inject(vit, cfg.pet)
+    model = TokenViT(vit, build_merges(cfg.merge, vit), pre_logits=pre_logits, pet_method=method)
     set_trainable(model, cfg.pet.get("trainable", "pet"))
     return model
+
+
+def meta_backbone(cfg: DictConfig) -> nn.Module:
+    """`cfg.backbone`'s timm architecture built on the meta device: its geometry, no memory and no weights."""
+    kwargs = OmegaConf.to_container(cfg.kwargs, resolve=True) if cfg.get("kwargs") else {}
+    with torch.device("meta"):
+        return timm.create_model(cfg.arch, pretrained=False, num_classes=2, img_size=cfg.img_size, **kwargs)
+
+
+def model_problems(cfg: DictConfig) -> list[str]:
+    """Every problem of the backbone, PET and merge config: the builders run on the meta device."""
+    try:
+        vit = meta_backbone(cfg.backbone)
+    except Exception as err:  # unknown timm arch or bad kwargs
+        return [f"backbone.arch={cfg.backbone.get('arch')!r} with kwargs {dict(cfg.backbone.get('kwargs') or {})}: "
+                f"timm cannot build it ({type(err).__name__}: {err})"]
+    geo = geometry(vit)
+    problems = pet_problems(cfg.pet, vit) + merge_problems(cfg.merge, geo)
+    if not problems:
+        try:
+            with torch.device("meta"):
+                build_merges(cfg.merge, geo)
+        except ValueError as err:
+            problems.append(f"merge={cfg.merge.name}: {err}")
+    return problems
+
+
+def pet_problems(cfg: DictConfig, vit: nn.Module) -> list[str]:
+    """The PET method's problems: a known name, its record's `check`, its `inject` run on the meta backbone."""
+    try:
+        method = pet_method(cfg.get("name"))
+    except ValueError as err:
+        return [str(err)]
+    problems = list(method.check(cfg))
+    if cfg.get("trainable", "pet") not in TRAINABLE_MODES:
+        problems.append(f"pet.trainable={cfg.get('trainable')!r}: accepted {list(TRAINABLE_MODES)}")
+    if not problems:
+        try:
+            with torch.device("meta"):
+                method.inject(vit, cfg)
+        except (ValueError, TypeError) as err:
+            problems.append(f"pet={cfg.name}: {err}")
+    return problems

@@ -1,4 +1,4 @@
-"""Efficiency measurement, the same for every method (DESIGN section 8).
+"""Efficiency measurement, the same for every method.
 
 - FLOPs: fvcore convention (one multiply-add = one FLOP), per image, with the attention matmuls inside
   `F.scaled_dot_product_attention` counted (fvcore does not see into the fused op). ViT-B/16 at 224: 17.58 G.
@@ -55,17 +55,17 @@ def _sdpa_flop_jit(inputs: list[Any], outputs: list[Any]) -> int:
 
 def count_flops(model: nn.Module, img_size: int, device: torch.device | str = "cpu") -> float:
     """GFLOPs per image of one forward pass at `img_size` (fvcore, eval mode)."""
-    from fvcore.nn import FlopCountAnalysis
-
     was_training = model.training
     model.eval()
     images = torch.randn(1, 3, img_size, img_size, device=device)
     try:
-        analysis = FlopCountAnalysis(model, images)
-        analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
-        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
-        with warnings.catch_warnings():  # torch.jit deprecation notices from fvcore's tracer
+        with warnings.catch_warnings():  # torch.jit deprecation notices from fvcore's import and tracer
             warnings.simplefilter("ignore")
+            from fvcore.nn import FlopCountAnalysis
+
+            analysis = FlopCountAnalysis(model, images)
+            analysis.set_op_handle("aten::scaled_dot_product_attention", _sdpa_flop_jit)
+            analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
             return analysis.total() / 1e9
     finally:
         model.train(was_training)

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fpet.fileio import atomic_open, write_text_atomic
 
@@ -21,6 +21,11 @@ RESULT_KEYS = (
     "train_s_per_iter", "train_act_mb", "peak_mem_mb", "device", "dtype", "protocol",
 )
 """Keys every results.json has (null where not measured); outside checks rely on them."""
+
+
+def plain(value: Any) -> Any:
+    """A config value as plain Python (lists and dicts instead of OmegaConf containers), for JSON."""
+    return OmegaConf.to_container(value, resolve=True) if isinstance(value, (DictConfig, ListConfig)) else value
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> None:
@@ -97,7 +102,7 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
     }
     results.update({k: None for k in RESULT_KEYS if k not in results})
     results.update({
-        "merge_layer": cfg.merge.get("layer"),
+        "merge_layer": plain(cfg.merge.get("layer")),
         "merge_r": cfg.merge.get("r"),
         "merge_split": cfg.merge.get("split"),
         "pet_dim": cfg.pet.get("dim"),
@@ -141,7 +146,7 @@ class RunLogger:
             return None
         name = f"{cfg.dataset.name}-{cfg.pet.name}-{cfg.merge.tag}-s{cfg.seed}"
         return wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.logger.get("group"),
-                          name=name, mode=mode, dir=str(run_dir), reinit=True,
+                          name=name, mode=mode, dir=str(run_dir), reinit="finish_previous",
                           config=OmegaConf.to_container(cfg, resolve=True))
 
     def truncate(self, last_step: int) -> None:

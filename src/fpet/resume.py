@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,6 +21,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torch.utils.data import DataLoader
+
+from fpet.errors import UserError
+from fpet.fileio import atomic_open
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +36,7 @@ FINGERPRINT_IGNORES = {
 FINGERPRINT_GROUPS = ("seed", "backbone", "pet", "merge", "dataset", "optim", "train")
 
 
-class ResumeError(RuntimeError):
+class ResumeError(UserError, RuntimeError):
     """A rolling checkpoint that cannot be used (corrupt, truncated, or from another configuration)."""
 
 
@@ -112,10 +114,8 @@ class RollingCheckpoint:
             "rng": capture_rng(train_loader),
             "state": asdict(state),
         }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        torch.save(payload, tmp)
-        os.replace(tmp, self.path)
+        with atomic_open(self.path, "wb") as f:
+            torch.save(payload, f)
 
     def load(self) -> Optional[dict[str, Any]]:
         """The checkpoint's content, None when there is none; `ResumeError` when it is unusable."""

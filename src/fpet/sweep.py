@@ -15,6 +15,9 @@ from typing import Any, Iterator, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from fpet.config import num_gpus, register_resolvers  # noqa: F401  (re-exported)
+from fpet.errors import UserError
+
 from fpet.results import load_complete_results
 from fpet.resume import config_changes, config_fingerprint, flatten
 
@@ -38,7 +41,7 @@ def config_differences(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
     return [text for key, text in changes.items() if not _location(raw.get(key))]
 
 
-class RunDirConflict(RuntimeError):
+class RunDirConflict(UserError, RuntimeError):
     """The run directory holds a finished run of another configuration; nothing is overwritten silently."""
 
 
@@ -58,19 +61,6 @@ def finished_results(cfg: DictConfig, run_dir: str | Path) -> Optional[dict[str,
             f"Pass train.skip_finished=false to train again and overwrite it, or write elsewhere "
             f"(hydra.run.dir=... / paths.output_dir=...).")
     return results
-
-
-def num_gpus(minimum: Any = 0) -> int:
-    """Visible CUDA devices, at least `minimum` (the `${fpet.num_gpus:1}` resolver of the launcher presets)."""
-    import torch
-
-    return max(int(minimum), torch.cuda.device_count())
-
-
-def register_resolvers() -> None:
-    """Register `${fpet.num_gpus:N}` (idempotent); train.py calls this before Hydra composes the config."""
-    if not OmegaConf.has_resolver("fpet.num_gpus"):
-        OmegaConf.register_new_resolver("fpet.num_gpus", num_gpus)
 
 
 def _multirun_job_num() -> Optional[int]:

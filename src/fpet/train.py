@@ -8,52 +8,29 @@ periodic one (the official code's protocol).
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import math
-import os
-import random
 import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from fpet.checkpoint import load_task, save_task, task_metadata, task_storage_bytes
+from fpet.checkpoint import load_task, save_task
 from fpet.data import Loaders, build_loaders
-from fpet.model import build_model
-from fpet.pet.reparam import inference_model
-from fpet.profile import profile_model
+from fpet.errors import UserError
+from fpet.pipeline import Session, open_session
 from fpet.resume import RollingCheckpoint, TrainState
 from fpet.results import RunLogger, build_results, format_summary, write_json_atomic
-from fpet.validate import validate_config
 
 log = logging.getLogger(__name__)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def resolve_device(name: str) -> torch.device:
-    """`auto` -> cuda if available else cpu; otherwise the named device (checked)."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device={name!r} but CUDA is not available; use device=cpu or device=auto")
-    return device
 
 
 def to_device(batch: tuple[Tensor, Tensor], device: torch.device, preprocess: Optional[Callable]
@@ -83,7 +60,7 @@ def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; the run stops and keeps its last good rolling checkpoint."""
 
 
@@ -177,41 +154,29 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
     }
 
 
-def reparameterize_enabled(cfg: DictConfig) -> bool:
-    """`eval.reparameterize` (default true): evaluate and time the folded model."""
-    return bool(OmegaConf.select(cfg, "eval.reparameterize", default=True))
-
-
 def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     """One run from a composed config: returns the results record, also written to `run_dir/results.json`.
 
-    The config is validated before any data is read or model built; an interrupted run resumes from its rolling
-    checkpoint; the checkpoint is removed once results.json is written (`train.keep_last_ckpt` keeps it).
+    The pipeline (`fpet.pipeline`): the config is validated before any data is read or model built; the model
+    trains (resuming from its rolling checkpoint when an earlier attempt was interrupted), is folded once for the
+    final evaluation and the profile, and its task file is written; the checkpoint is removed once results.json
+    is written (`train.keep_last_ckpt` keeps it).
     """
-    validate_config(cfg)
+    session = open_session(cfg)
     if cfg.get("eval_only"):
-        return evaluate_checkpoint(cfg, run_dir)
+        return evaluate_checkpoint(session, run_dir)
     run_dir = Path(run_dir)
-    configure_determinism(cfg)
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.device)
     loaders = build_loaders(cfg)
-    model = build_model(cfg).to(device)
-    log.info("run dir %s | %s on %s | %d trainable parameters", run_dir, cfg.backbone.name, device,
+    model = session.build()
+    log.info("run dir %s | %s on %s | %d trainable parameters", run_dir, cfg.backbone.name, session.device,
              sum(p.numel() for p in model.parameters() if p.requires_grad))
     logger = RunLogger(cfg, run_dir)
     results = None
     try:
-        fold = reparameterize_enabled(cfg)
-        folded = functools.cache(lambda m: inference_model(m, fold))  # one folded copy for final eval + profile
-        fit_out = fit(model, loaders, cfg, device, logger, run_dir, lambda m: folded(m)[0])
-        info = task_metadata(cfg, model)
-        storage = save_task(model, run_dir / "task.safetensors", info) if cfg.train.save_task else None
-        infer, reparam = folded(model)
-        efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer)
-        extra = {"reparameterized": reparam.reparameterized,
-                 "storage_bytes_no_head": task_storage_bytes(model, False, info) if storage else None}
-        results = build_results(cfg, fit_out, efficiency, storage, device, extra)
+        fit_out = fit(model, loaders, cfg, session.device, logger, run_dir, lambda m: session.inference()[0])
+        if cfg.train.save_task:
+            save_task(model, run_dir / "task.safetensors", session.task_info())
+        results = finish(session, fit_out, {}, saved=cfg.train.save_task)
         write_json_atomic(run_dir / "results.json", results)
         if not cfg.train.get("keep_last_ckpt", False):
             fit_out["checkpoint"].path.unlink(missing_ok=True)
@@ -221,39 +186,32 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     return results
 
 
-def evaluate_checkpoint(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
-    """`eval_only=true checkpoint=PATH`: the backbone of `cfg` plus a task file -> eval-split accuracy, profile,
-    results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
-    run_dir = Path(run_dir)
-    seed_everything(int(cfg.seed))
-    device = resolve_device(cfg.device)
+def finish(session: Session, fit_out: dict[str, Any], extra: dict[str, Any], saved: bool = True) -> dict[str, Any]:
+    """The results record of a trained or loaded model: accuracy from `fit_out`, the profile, storage."""
+    efficiency = session.profile()
+    storage = session.storage() if saved else {"storage_bytes": None, "storage_bytes_no_head": None}
+    extra = {"reparameterized": efficiency["reparameterized"],
+             "storage_bytes_no_head": storage["storage_bytes_no_head"], **extra}
+    return build_results(session.cfg, fit_out, efficiency, storage["storage_bytes"], session.device, extra)
+
+
+def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]:
+    """`eval_only=true checkpoint=PATH`: the backbone of the config plus a task file -> eval-split accuracy,
+    profile, results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
+    cfg, run_dir = session.cfg, Path(run_dir)
     loaders = build_loaders(cfg)
-    model = build_model(cfg)
-    info = load_task(model, cfg.checkpoint, task_metadata(cfg, model))
-    model.to(device)
-    infer, reparam = inference_model(model, reparameterize_enabled(cfg))
-    acc = evaluate(infer, loaders.eval, device, cfg.train.amp, loaders.preprocess)
+    model = session.build()
+    load_task(model, cfg.checkpoint, session.task_info())
+    acc = evaluate(session.inference()[0], loaders.eval, session.device, cfg.train.amp, loaders.preprocess)
     fit_out = {"acc": acc, "acc_best": None, "evals": [{"epoch": None, "acc": acc}], "train_split": None,
                "eval_split": loaders.eval_split}
-    efficiency = profile_model(model, cfg.bench, cfg.backbone.img_size, cfg.dataset.num_classes, infer)
-    extra = {"reparameterized": reparam.reparameterized, "eval_only": True, "checkpoint": str(cfg.checkpoint),
-             "storage_bytes_no_head": task_storage_bytes(model, False, info)}
-    results = build_results(cfg, fit_out, efficiency, Path(cfg.checkpoint).stat().st_size, device, extra)
+    results = finish(session, fit_out, {"eval_only": True, "checkpoint": str(cfg.checkpoint)})
     out = run_dir / "results.json"
     if out.exists() and not json.loads(out.read_text()).get("eval_only"):
         out = run_dir / "eval" / "results.json"  # never overwrite the training run's results
     write_json_atomic(out, results)
     print(format_summary(results, out.parent), flush=True)
     return results
-
-
-def configure_determinism(cfg: DictConfig) -> None:
-    """`train.deterministic=true` asks torch for deterministic kernels (CUDA runs repeat exactly, a bit slower);
-    CPU runs with the same seed repeat exactly either way."""
-    if cfg.train.get("deterministic", False):
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.benchmark = False
 
 
 def main(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fpet.checkpoint import load_task, read_task_file, task_metadata
+from fpet.checkpoint import load_task, override_value, read_task_file, task_metadata
 from fpet.config import compose_config
 from fpet.merge import build_merges
 from fpet.model import build_model
@@ -74,8 +74,9 @@ def trained_model(overrides: Sequence[str], checkpoint: str | Path) -> tuple[Tok
     PET method or class count is refused with the override that fixes it.
     """
     info, _ = read_task_file(checkpoint)
-    merge = [f"merge={info['merge']}"] + [f"merge.{key}={_override_value(info.get(f'merge_{key}'))}"
-                                          for key in ("layer", "r", "split")]
+    merge_cfg = dict(info.get("merge") or {})
+    merge = [f"merge={merge_cfg.pop('name', 'none')}"] + [f"merge.{key}={override_value(value)}"
+                                                          for key, value in merge_cfg.items()]
     cfg = compose_config([*overrides, *merge])
     model = build_model(cfg)
     load_task(model, checkpoint, task_metadata(cfg, model))
@@ -84,11 +85,8 @@ def trained_model(overrides: Sequence[str], checkpoint: str | Path) -> tuple[Tok
 
 def with_merge(model: TokenViT, merge_cfg: DictConfig) -> TokenViT:
     """`model`'s backbone, PET layers and head (shared, not copied) with the merge schedule of `merge_cfg`."""
-    return TokenViT(model.vit, build_merges(merge_cfg, model.vit), pre_logits=model.pre_logits)
-
-
-def _override_value(value: object) -> str:
-    return "null" if value is None else str(value)
+    return TokenViT(model.vit, build_merges(merge_cfg, model.vit), pre_logits=model.pre_logits,
+                    pet_method=model.pet_method)
 
 
 @torch.no_grad()
@@ -100,7 +98,7 @@ def merge_groups(model: nn.Module, image: Tensor) -> tuple[np.ndarray, int]:
         state = model.forward_tokens(image[None].to(next(model.parameters()).device), track_source=True)
     finally:
         model.train(was_training)
-    return patch_groups(state.source[0], model.num_prefix_tokens, model.grid_size), int(state.x.shape[1])
+    return patch_groups(state.source[0], state.num_prefix, state.grid), int(state.x.shape[1])
 
 
 def save_panels(panels: Sequence[tuple[str, np.ndarray]], out: str | Path, dpi: int = 150) -> Path:

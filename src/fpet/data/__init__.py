@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset
 
 from fpet.data.synthetic import SyntheticTask
-from fpet.data.transforms import ToFloat
-from fpet.data.vtab import build_vtab
+from fpet.data.transforms import NORMALIZE_MODES, ToFloat
+from fpet.data.vtab import build_vtab, check_task_files
 from fpet.data.vtab_rules import SPLIT_SIZES, SPLITS
 
 PROTOCOLS = {"test": ("train800val200", "test"), "val": ("train800", "val200")}
@@ -70,5 +70,44 @@ def build_loaders(cfg: DictConfig) -> Loaders:
     return Loaders(train, evaluation, train_split, eval_split, ToFloat(cfg.dataset.get("normalize", "none")))
 
 
-__all__ = ["DATASET_KINDS", "Loaders", "PROTOCOLS", "SPLITS", "SPLIT_SIZES", "SyntheticTask", "build_dataset",
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def dataset_problems(cfg: DictConfig) -> list[str]:
+    """Every problem of `cfg.dataset` before any file is read: kind, protocol, normalisation, class count, image
+    size (the backbone's), a batch size the training split can fill."""
+    ds, problems = cfg.dataset, []
+    if ds.get("kind") not in DATASET_KINDS:
+        problems.append(f"dataset.kind={ds.get('kind')!r}: accepted {sorted(DATASET_KINDS)}")
+    if ds.get("protocol") not in PROTOCOLS:
+        problems.append(f"dataset.protocol={ds.get('protocol')!r}: accepted {sorted(PROTOCOLS)} "
+                        f"(test: train800val200 -> test, val: train800 -> val200)")
+    elif _positive_int(cfg.train.get("batch_size")):
+        train_split = PROTOCOLS[ds.protocol][0]
+        if cfg.train.batch_size > SPLIT_SIZES[train_split]:
+            problems.append(f"train.batch_size={cfg.train.batch_size}: larger than the {train_split} split "
+                            f"({SPLIT_SIZES[train_split]} images); with drop_last no batch would train")
+    if ds.get("normalize", "none") not in NORMALIZE_MODES:
+        problems.append(f"dataset.normalize={ds.get('normalize')!r}: accepted {list(NORMALIZE_MODES)}")
+    if not _positive_int(ds.get("num_classes")) or ds.num_classes < 2:
+        problems.append(f"dataset.num_classes={ds.get('num_classes')!r}: must be an integer >= 2")
+    if ds.get("img_size") != cfg.backbone.get("img_size"):
+        problems.append(f"dataset.img_size={ds.get('img_size')!r} differs from backbone.img_size="
+                        f"{cfg.backbone.get('img_size')!r}: the images must have the model's input size. Set "
+                        f"backbone.img_size (dataset.img_size follows it)")
+    return problems
+
+
+def dataset_file_problems(cfg: DictConfig) -> list[str]:
+    """The files the run will read exist (a registered check per dataset kind; nothing is decoded)."""
+    check = DATASET_FILE_CHECKS.get(cfg.dataset.get("kind"))
+    return check(cfg.dataset, Path(cfg.paths.data_dir)) if check is not None else []
+
+
+DATASET_FILE_CHECKS: dict[str, Callable[[DictConfig, Path], list[str]]] = {"vtab": check_task_files}
+"""dataset.kind -> up-front check of its files (returns messages)."""
+
+
+__all__ = ["DATASET_KINDS", "dataset_file_problems", "dataset_problems", "Loaders", "PROTOCOLS", "SPLITS", "SPLIT_SIZES", "SyntheticTask", "build_dataset",
            "build_loaders", "protocol_splits"]

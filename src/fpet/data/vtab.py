@@ -21,6 +21,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from fpet.data.cache import ImageCache, cache_key
+from fpet.errors import UserError
 from fpet.data.vtab_rules import SPLITS
 
 VTAB_SUBDIR = "vtab-1k"
@@ -28,7 +29,7 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
 CACHE_VERSION = 1  # bump when the decode pipeline changes, so old caches are not reused
 
 
-class VTABDataError(ValueError):
+class VTABDataError(UserError, ValueError):
     """Missing or malformed VTAB-1K data; the message names the path / line and the fix."""
 
 
@@ -207,7 +208,7 @@ def build_vtab(cfg: DictConfig, split: str, data_dir: Path, transform: Callable)
 
 
 def check_task_files(cfg: DictConfig, data_dir: Path) -> list[str]:
-    """Up-front check (`fpet.validate.DATASET_CHECKS["vtab"]`): the task folder and the list files of the protocol's
+    """Up-front check (`fpet.data.DATASET_FILE_CHECKS["vtab"]`): the task folder and the list files of the protocol's
     splits exist. Cheap; `scripts/validate_vtab.py` checks the contents."""
     from fpet.data import PROTOCOLS
 

@@ -1,49 +1,29 @@
-"""Token-merge strategies behind one signature; `build_merges` turns `cfg.merge` into a layer schedule."""
+"""Token-merge strategies behind one signature (`merge(state) -> state`); the strategy class is the registry
+record. Adding a strategy: its file (a `TokenMerge` subclass with `name`, `from_config` and its rules), its config
+(configs/merge/<name>.yaml), one line in `MERGE_STRATEGIES`, its tests (docs/architecture.md)."""
 from __future__ import annotations
 
-from typing import Callable
-
-from omegaconf import DictConfig
-from torch import nn
-
-from fpet.merge.base import Reduce, TokenMerge, merge_wavg
-from fpet.merge.bipartite import BipartiteSoftMatching, bipartite_soft_matching, checkerboard_split, stripe_split
+from fpet.merge.base import NoMerge, Reduce, TokenMerge, merge_wavg
+from fpet.merge.bipartite import (BSM, BipartiteSoftMatching, ToMe, bipartite_soft_matching, checkerboard_split,
+                                  stripe_split)
 from fpet.merge.fpet import FPETMerge, bipartite_differentiable_matching
-from fpet.merge.pool import NeighbourPool
-from fpet.merge.schedule import (MergeConfigError, build_bsm, build_fpet, build_pool, build_tome, geometry,
-                                 merge_problems)
+from fpet.merge.pool import AvgPool, MaxPool, NeighbourPool
+from fpet.merge.schedule import (Geometry, MergeConfigError, build_merges, geometry, merge_layers, merge_problems,
+                                 strategy_class)
 
-MergeBuilder = Callable[[DictConfig, nn.Module], dict[int, TokenMerge]]
-"""`builder(cfg.merge, vit) -> {block index: strategy}`."""
-
-MERGE_STRATEGIES: dict[str, MergeBuilder] = {
-    "none": lambda cfg, vit: {},
-    "tome": build_tome,
-    "bsm": build_bsm,
-    "fpet": build_fpet,
-    "avgpool": build_pool("avg"),
-    "maxpool": build_pool("max"),
-}
-
-
-def build_merges(cfg: DictConfig, vit: nn.Module) -> dict[int, TokenMerge]:
-    """The merge schedule for `cfg.merge` on a timm ViT: block index -> strategy module.
-
-    `MergeConfigError` lists every problem of the config (`merge_problems`); a patch grid too small for the split
-    is a `ValueError` of the strategy's constructor.
-    """
-    name = cfg.name
-    if name not in MERGE_STRATEGIES:
-        raise MergeConfigError([f"merge={name!r}: accepted {sorted(MERGE_STRATEGIES)}"])
-    problems = merge_problems(cfg, geometry(vit))
-    if problems:
-        raise MergeConfigError(problems)
-    return MERGE_STRATEGIES[name](cfg, vit)
-
+MERGE_STRATEGIES: dict[str, type[TokenMerge]] = {cls.name: cls for cls in (
+    NoMerge,
+    ToMe,
+    BSM,
+    FPETMerge,
+    AvgPool,
+    MaxPool,
+)}
+"""`merge=<name>` -> the strategy class; one line per strategy."""
 
 __all__ = [
-    "BipartiteSoftMatching", "FPETMerge", "MERGE_STRATEGIES", "MergeConfigError", "NeighbourPool", "Reduce",
-    "TokenMerge", "geometry", "merge_problems",
-    "bipartite_differentiable_matching", "bipartite_soft_matching", "build_merges", "checkerboard_split",
-    "merge_wavg", "stripe_split",
+    "AvgPool", "BSM", "BipartiteSoftMatching", "FPETMerge", "Geometry", "MERGE_STRATEGIES", "MaxPool",
+    "MergeConfigError", "NeighbourPool", "NoMerge", "Reduce", "ToMe", "TokenMerge", "bipartite_differentiable_matching",
+    "bipartite_soft_matching", "build_merges", "checkerboard_split", "geometry", "merge_layers", "merge_problems",
+    "merge_wavg", "stripe_split", "strategy_class",
 ]

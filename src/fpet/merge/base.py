@@ -1,16 +1,30 @@
-"""The one merge signature: `merge(x, size, keys) -> (x, size)` (DESIGN section 5).
+"""The merge slot's one signature, `merge(state) -> state`, and what every strategy class owns.
 
-A strategy subclasses `TokenMerge` and implements `match`, which decides which tokens go together and returns a
-`Reduce`: a function that maps any per-token tensor `[B, N, D]` to the merged tokens `[B, N', D]` by summing (or
-taking the max over) the members of each group. The base class turns that into the size-weighted average of
-the tokens (`merge_wavg`), the new sizes, and, when tracking, the new sources, so every strategy gets all three
-from one matching.
+A strategy is an `nn.Module` (it may own parameters; they train with the PET parameters) placed between attention
+and MLP of the blocks its config names. It receives the `fpet.state.TokenState` of that point: tokens, sizes,
+the protected prefix (class, distillation, prompt tokens), the patch grid and the attention statistics it declared
+in `needs` (head-mean `keys`, the class-token attention row `cls_attn`, `attn_received`).
+
+Most strategies implement only `match(state) -> Reduce`: which tokens go together, as a function that maps any
+per-token tensor `[B, N, D]` to the merged tokens `[B, N', D]` by summing (or taking the max over) each group's
+members. The base class turns that into the size-weighted average of the tokens, the new sizes, masks and sources.
+A strategy that does more (pruning, a custom weighting) overrides `forward`.
+
+The class is also the strategy's registry record (`fpet.merge.MERGE_STRATEGIES`): it owns its config rules
+(`config_problems`), where it may sit (`every_block`, `max_layers`) and how it is built from `cfg.merge`
+(`from_config`); `fpet.merge.schedule` holds only the rules shared by all.
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 
+from omegaconf import DictConfig
 from torch import Tensor, nn
+
+from fpet.state import TokenState
+
+if TYPE_CHECKING:
+    from fpet.merge.schedule import Geometry
 
 Reduce = Callable[[Tensor, str], Tensor]
 """`reduce(t [B, N, D], mode) -> [B, N', D]`; mode is "sum" or "amax"."""
@@ -24,34 +38,71 @@ def merge_wavg(reduce: Reduce, x: Tensor, size: Tensor) -> tuple[Tensor, Tensor]
 
 
 class TokenMerge(nn.Module):
-    """Base class of merge strategies; may own parameters (they train with the PET parameters).
+    """Base class of merge strategies.
 
-    Attributes:
-        weighted: True averages the members of a group weighted by size; False takes their elementwise max.
+    Class attributes (the strategy's placement rules, read by `fpet.merge.schedule`):
+        name: the config name (`merge=<name>`), label: its name in tables.
+        needs: attention statistics the strategy reads from the state (`fpet.state.ATTENTION_STATS`).
+        every_block: `merge.layer=null` means every block (else null is an error).
+        max_layers: how many blocks it may sit at (None = any number).
+        weighted: True averages a group's members weighted by size; False takes their elementwise max.
     """
 
+    name: ClassVar[str] = ""
+    label: ClassVar[str] = ""
+    needs: ClassVar[frozenset[str]] = frozenset({"keys"})
+    every_block: ClassVar[bool] = False
+    max_layers: ClassVar[Optional[int]] = None
     weighted: bool = True
 
-    def match(self, x: Tensor, size: Tensor, keys: Tensor) -> Reduce:
-        """Decide the groups from tokens `[B, N, C]`, sizes `[B, N, 1]` and head-mean keys `[B, N, d]`."""
+    @classmethod
+    def from_config(cls, cfg: DictConfig, geo: "Geometry") -> "TokenMerge":
+        """The strategy for one block from `cfg.merge` (every key read from the config: its yaml holds the
+        defaults) on a backbone of geometry `geo`."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, size: Optional[Tensor], keys: Tensor) -> tuple[Tensor, Tensor]:
-        """`x [B, N, C], size [B, N, 1] or None, keys [B, N, d] -> (x [B, N', C], size [B, N', 1])`."""
-        x, size, _ = self.merge_with_source(x, size, keys, None)
-        return x, size
+    @classmethod
+    def layers(cls, cfg: DictConfig, geo: "Geometry") -> tuple[list[int], list[str]]:
+        """The blocks `cfg.merge.layer` names, and its problems (shared rules: `fpet.merge.schedule`)."""
+        from fpet.merge.schedule import parse_layers
 
-    def merge_with_source(
-        self, x: Tensor, size: Optional[Tensor], keys: Tensor, source: Optional[Tensor]
-    ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        """As `forward`, also merging `source [B, N, N0]` (which input tokens each token holds)."""
-        if size is None:
-            size = x.new_ones(x.shape[0], x.shape[1], 1)
-        reduce = self.match(x, size, keys)
+        return parse_layers(cls, cfg.get("layer"), geo)
+
+    @classmethod
+    def config_problems(cls, cfg: DictConfig, geo: "Geometry", layers: list[int]) -> list[str]:
+        """The strategy's own config problems (key, value, accepted), the shared layer rules already checked."""
+        return []
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.hparams().items())
+
+    def hparams(self) -> dict:
+        """The strategy's settings, for `repr`."""
+        return {}
+
+    def match(self, state: TokenState) -> Reduce:
+        """Decide the groups of `state`'s tokens (prefix tokens pass through first)."""
+        raise NotImplementedError
+
+    def forward(self, state: TokenState) -> TokenState:
+        """`state [B, N] -> state [B, N']`: merged tokens, sizes, masks and sources; statistics cleared."""
+        size = state.sizes()
+        reduce = self.match(state)
         if self.weighted:
-            x, new_size = merge_wavg(reduce, x, size)
+            x, new_size = merge_wavg(reduce, state.x, size)
         else:
-            x, new_size = reduce(x, "amax"), reduce(size, "sum")
-        if source is not None:
-            source = reduce(source, "sum")
-        return x, new_size, source
+            x, new_size = reduce(state.x, "amax"), reduce(size, "sum")
+        mask = None if state.mask is None else reduce(state.mask * size, "sum") / new_size
+        source = None if state.source is None else reduce(state.source, "sum")
+        return state.replace(x=x, size=new_size, mask=mask, source=source)
+
+
+class NoMerge(TokenMerge):
+    """`merge=none`: no block merges; 197 tokens through all blocks of ViT-B/16."""
+
+    name, label = "none", "w/o merging"
+    needs = frozenset()
+
+    @classmethod
+    def layers(cls, cfg: DictConfig, geo: "Geometry") -> tuple[list[int], list[str]]:
+        return [], []

@@ -1,24 +1,29 @@
 """Bipartite soft matching (ToMe, Bolya et al. 2023) and the token splits that it and FPET share.
 
 A split divides the non-prefix tokens of a sequence `[B, N, C]` into two sets, A and B, given as positions in the
-sequence. Prefix tokens (class, distillation) belong to neither set: they are never merged and stay first.
+sequence. Prefix tokens (class, distillation, prompts: `state.num_prefix`) belong to neither set: they are never
+merged and stay first.
 
 - `stripe_split`: A = even, B = odd sequence index (ToMe's alternating split; on a 14x14 grid after the class
   token this gives vertical stripes).
 - `checkerboard_split`: on the patch grid, A = cells with (row + col) even, B = (row + col) odd, in the official
-  FPET order A = [(even, even), (odd, odd)], B = [(odd, even), (even, odd)], each block in raster order.
+  FPET order A = [(even, even), (odd, odd)], B = [(odd, even), (even, odd)], each block in raster order. It needs
+  the full grid, so it works at the first merge only.
 
 `bipartite_soft_matching` merges the `r` A tokens most similar (cosine of head-mean keys) to their best B token,
-with no gradient through the matching; `BipartiteSoftMatching` is the strategy module for `merge=tome|bsm`.
+with no gradient through the matching; `ToMe` (`merge=tome`) and `BSM` (`merge=bsm`) are its strategies.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
+from omegaconf import DictConfig
 from torch import Tensor
 
 from fpet.merge.base import Reduce, TokenMerge
+from fpet.merge.schedule import Geometry, is_int
+from fpet.state import TokenState
 
 SPLITS = ("stripe", "checkerboard")
 
@@ -47,19 +52,42 @@ def checkerboard_split(grid: tuple[int, int], num_prefix: int, device: torch.dev
     return a, b
 
 
-def check_split(split: str, grid: tuple[int, int], num_prefix: int, min_b: int = 1) -> None:
-    """Raise a clear error when `split` is unknown or the patch grid leaves B with fewer than `min_b` tokens."""
+def split_problems(split: object, geo: Geometry, layers: list[int], min_b: int = 1) -> list[str]:
+    """Problems of `merge.split` on a backbone: unknown kind, a grid whose set B is too small, a checkerboard at
+    more than one block (it needs the full grid)."""
     if split not in SPLITS:
-        raise ValueError(f"merge.split={split!r} is not one of {SPLITS}")
-    rows, cols = grid
+        return [f"merge.split={split!r}: accepted {list(SPLITS)}"]
+    rows, cols = geo.grid
     if split == "checkerboard":
-        _, b = checkerboard_split(grid, num_prefix)
+        _, b = checkerboard_split(geo.grid, geo.num_prefix)
     else:
-        _, b = stripe_split(num_prefix + rows * cols, num_prefix)
+        _, b = stripe_split(geo.num_prefix + rows * cols, geo.num_prefix)
+    problems = []
     if len(b) < min_b:
+        problems.append(f"merge.split={split}: the {rows}x{cols} patch grid gives set B only {len(b)} token(s); "
+                        f"this merge needs at least {min_b}. Use a larger backbone.img_size (or smaller patches).")
+    if split == "checkerboard" and len(layers) > 1:
+        problems.append(f"merge.split=checkerboard needs the full patch grid, so it works at one merge block only; "
+                        f"merge.layer names {len(layers)}. Set merge.layer to one block or use merge.split=stripe.")
+    return problems
+
+
+def split_positions(split: str, state: TokenState) -> tuple[Tensor, Tensor]:
+    """Positions of sets A and B in `state`'s sequence (prefix tokens in neither)."""
+    if split == "stripe":
+        return stripe_split(state.num_tokens, state.num_prefix, state.x.device)
+    check_full_grid(state, what="merge.split=checkerboard")
+    return checkerboard_split(state.grid, state.num_prefix, state.x.device)
+
+
+def check_full_grid(state: TokenState, what: str) -> None:
+    """Raise unless the sequence still holds the full patch grid (no merge before this block)."""
+    expected = state.num_prefix + state.grid[0] * state.grid[1]
+    if state.num_tokens != expected:
         raise ValueError(
-            f"the {rows}x{cols} patch grid gives set B of the {split} split only {len(b)} token(s); this merge needs "
-            f"at least {min_b}. Use a larger backbone.img_size (or smaller patches).")
+            f"{what} needs the full {state.grid[0]}x{state.grid[1]} patch grid ({expected} tokens) but got "
+            f"{state.num_tokens} tokens: tokens were merged at an earlier block. Use it at the first merge only "
+            f"(one merge.layer){' or merge.split=stripe' if 'split' in what else ''}.")
 
 
 def bipartite_soft_matching(keys: Tensor, r: int, a_idx: Tensor, b_idx: Tensor, num_prefix: int) -> Reduce:
@@ -94,58 +122,52 @@ def bipartite_soft_matching(keys: Tensor, r: int, a_idx: Tensor, b_idx: Tensor, 
     return reduce
 
 
-class BipartiteMerge(TokenMerge):
-    """Base of the strategies that split the tokens into sets A and B (`stripe` or `checkerboard`).
+def r_problems(r: object, geo: Geometry) -> list[str]:
+    """`merge.r`: tokens removed per block, 1 .. half the patches (one per token of set A), or null (all of A)."""
+    if r is None or (is_int(r) and 1 <= r <= geo.num_patches // 2):
+        return []
+    return [f"merge.r={r!r}: accepted 1..{geo.num_patches // 2} or null (bipartite matching merges at most half of "
+            f"the {geo.num_patches} patch tokens of a {geo.grid[0]}x{geo.grid[1]} grid per block, one per token of "
+            f"set A; null merges every A token)"]
+
+
+class BipartiteSoftMatching(TokenMerge):
+    """Merge `r` tokens by bipartite soft matching of head-mean keys at each block it sits at.
 
     Args:
+        r: tokens removed at this block (clipped to the size of set A); None = every A token.
         split: `stripe` or `checkerboard` (needs the full patch grid, so only at the first merge).
-        grid: the patch grid (rows, cols) of the backbone.
-        num_prefix: class (+ distillation) tokens, never merged.
-        min_b: the fewest B tokens the strategy can work with (checked against the grid).
     """
 
-    def __init__(self, split: str, grid: tuple[int, int], num_prefix: int, min_b: int = 1) -> None:
+    def __init__(self, r: Optional[int], split: str = "stripe") -> None:
         super().__init__()
-        check_split(split, grid, num_prefix, min_b)
-        self.split, self.grid, self.num_prefix = split, (int(grid[0]), int(grid[1])), num_prefix
-        a, b = checkerboard_split(self.grid, num_prefix)
-        self.register_buffer("checker_a", a, persistent=False)
-        self.register_buffer("checker_b", b, persistent=False)
+        self.r, self.split = r, split
 
-    def split_indices(self, num_tokens: int, device: torch.device) -> tuple[Tensor, Tensor]:
-        """Positions of sets A and B for a sequence of `num_tokens` tokens."""
-        if self.split == "stripe":
-            return stripe_split(num_tokens, self.num_prefix, device)
-        check_full_grid(num_tokens, self.grid, self.num_prefix, what="merge.split=checkerboard")
-        return self.checker_a, self.checker_b
+    @classmethod
+    def from_config(cls, cfg: DictConfig, geo: Geometry) -> "BipartiteSoftMatching":
+        return cls(cfg.r, cfg.split)
 
+    @classmethod
+    def config_problems(cls, cfg: DictConfig, geo: Geometry, layers: list[int]) -> list[str]:
+        return r_problems(cfg.get("r"), geo) + split_problems(cfg.get("split"), geo, layers)
 
-class BipartiteSoftMatching(BipartiteMerge):
-    """`merge=tome|bsm`: merge `r` tokens by bipartite soft matching of head-mean keys.
+    def hparams(self) -> dict:
+        return {"r": self.r, "split": self.split}
 
-    Args:
-        r: tokens removed at this layer (clipped to the size of set A); None = every A token.
-        split, grid, num_prefix: see `BipartiteMerge`.
-    """
-
-    def __init__(self, r: Optional[int], split: str, grid: tuple[int, int], num_prefix: int) -> None:
-        super().__init__(split, grid, num_prefix)
-        self.r = r
-
-    def match(self, x: Tensor, size: Tensor, keys: Tensor) -> Reduce:
-        a_idx, b_idx = self.split_indices(x.shape[1], x.device)
+    def match(self, state: TokenState) -> Reduce:
+        a_idx, b_idx = split_positions(self.split, state)
         r = len(a_idx) if self.r is None else self.r
-        return bipartite_soft_matching(keys, r, a_idx, b_idx, self.num_prefix)
-
-    def extra_repr(self) -> str:
-        return f"r={self.r}, split={self.split!r}, grid={self.grid}, num_prefix={self.num_prefix}"
+        return bipartite_soft_matching(state.keys, r, a_idx, b_idx, state.num_prefix)
 
 
-def check_full_grid(num_tokens: int, grid: tuple[int, int], num_prefix: int, what: str) -> None:
-    """Raise unless the sequence still holds the full patch grid (no merge before this layer)."""
-    expected = num_prefix + grid[0] * grid[1]
-    if num_tokens != expected:
-        raise ValueError(
-            f"{what} needs the full {grid[0]}x{grid[1]} patch grid ({expected} tokens) but got {num_tokens} "
-            f"tokens: tokens were merged at an earlier layer. Use it at the first merge only (one merge.layer)"
-            f"{' or merge.split=stripe' if 'split' in what else ''}.")
+class ToMe(BipartiteSoftMatching):
+    """`merge=tome`: ToMe, `r` tokens at every block (`merge.layer=null`) or at the listed blocks."""
+
+    name, label = "tome", "ToMe"
+    every_block = True
+
+
+class BSM(BipartiteSoftMatching):
+    """`merge=bsm`: bipartite soft matching at chosen blocks (paper Table 3 "BSM@6": r = 98 once, 197 -> 99)."""
+
+    name, label = "bsm", "BSM"

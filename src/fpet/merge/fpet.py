@@ -19,12 +19,15 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fpet.merge.base import Reduce
-from fpet.merge.bipartite import BipartiteMerge
+from fpet.merge.base import Reduce, TokenMerge
+from fpet.merge.bipartite import split_positions, split_problems
+from fpet.merge.schedule import Geometry, is_int
 from fpet.pet.base import Bottleneck
 from fpet.pet.binary import BinaryLinear
+from fpet.state import TokenState
 
 REFINE_BITS = {1: BinaryLinear, 32: nn.Linear}
 """`merge.refine_bits` -> linear layer of the refinement adapter (1-bit as the paper; 32 = full precision)."""
@@ -57,12 +60,11 @@ def key_refinement(head_dim: int, hidden: int, bits: int = 1, dropout: float = 0
                       up_std=0.001 if bits == 1 else None)
 
 
-class FPETMerge(BipartiteMerge):
+class FPETMerge(TokenMerge):
     """`merge=fpet`: bipartite differentiable matching of refined keys; every A token merges into set B.
 
     Args:
         head_dim: width of the head-mean keys (64 on ViT-B/16).
-        grid: patch grid (rows, cols); num_prefix: class (+ distillation) tokens, never merged.
         split: `checkerboard` (paper) or `stripe`.
         stop_grad: detach the keys before refinement (paper); False is Table 3's "without gradient stopping" row.
         refine_dim: hidden width of the adapter (None = head_dim // 2); refine_bits: 1 or 32; scale: s of Eq. 10.
@@ -71,14 +73,37 @@ class FPETMerge(BipartiteMerge):
             attention path in training (see docs/differences.md).
     """
 
-    def __init__(self, head_dim: int, grid: tuple[int, int], num_prefix: int, split: str = "checkerboard",
-                 stop_grad: bool = True, refine_dim: Optional[int] = None, refine_bits: int = 1,
-                 scale: float = 1.0, size_grad: bool = False) -> None:
-        super().__init__(split, grid, num_prefix, min_b=2)  # top-2 needs two candidates
-        self.stop_grad, self.scale, self.size_grad = stop_grad, scale, size_grad
-        if refine_dim is not None and refine_dim < 1:
+    name, label = "fpet", "FPET"
+
+    def __init__(self, head_dim: int, split: str = "checkerboard", stop_grad: bool = True,
+                 refine_dim: Optional[int] = None, refine_bits: int = 1, scale: float = 1.0,
+                 size_grad: bool = False) -> None:
+        super().__init__()
+        self.split, self.stop_grad, self.scale, self.size_grad = split, stop_grad, scale, size_grad
+        if refine_dim is not None and (not is_int(refine_dim) or refine_dim < 1):
             raise ValueError(f"merge.refine_dim={refine_dim} must be a positive int (or null for head_dim // 2)")
         self.refinement = key_refinement(head_dim, head_dim // 2 if refine_dim is None else refine_dim, refine_bits)
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, geo: Geometry) -> "FPETMerge":
+        return cls(geo.head_dim, split=cfg.split, stop_grad=bool(cfg.stop_grad), refine_dim=cfg.refine_dim,
+                   refine_bits=int(cfg.refine_bits), size_grad=bool(cfg.size_grad))
+
+    @classmethod
+    def config_problems(cls, cfg: DictConfig, geo: Geometry, layers: list[int]) -> list[str]:
+        problems = split_problems(cfg.get("split"), geo, layers, min_b=2)  # top-2 needs two candidates
+        if cfg.get("r") is not None:
+            problems.append(f"merge.r={cfg.r!r}: merge=fpet merges every token of set A (the split fixes how many); "
+                            f"accepted null")
+        if cfg.get("refine_bits") not in REFINE_BITS:
+            problems.append(f"merge.refine_bits={cfg.get('refine_bits')!r}: accepted {sorted(REFINE_BITS)}")
+        dim = cfg.get("refine_dim")
+        if dim is not None and (not is_int(dim) or dim < 1):
+            problems.append(f"merge.refine_dim={dim!r}: accepted a positive integer or null (head_dim // 2)")
+        return problems
+
+    def hparams(self) -> dict:
+        return {"split": self.split, "stop_grad": self.stop_grad, "size_grad": self.size_grad}
 
     def refine_keys(self, keys: Tensor) -> Tensor:
         """`K [B, N, d] -> normalise(K + s * refinement(K))`, with the gradient stop on `K`."""
@@ -86,12 +111,13 @@ class FPETMerge(BipartiteMerge):
             keys = keys.detach()
         return F.normalize(keys + self.scale * self.refinement(keys), dim=-1)
 
-    def match(self, x: Tensor, size: Tensor, keys: Tensor) -> Reduce:
-        a_idx, b_idx = self.split_indices(x.shape[1], x.device)
-        k = self.refine_keys(keys)
+    def match(self, state: TokenState) -> Reduce:
+        a_idx, b_idx = split_positions(self.split, state)
+        k = self.refine_keys(state.keys)
         matching = bipartite_differentiable_matching(k.index_select(1, a_idx) @ k.index_select(1, b_idx).mT)
-        prefix = self.num_prefix
-        out_idx = torch.cat([torch.arange(prefix, device=x.device), b_idx])  # output layout: [prefix, B]
+        prefix = state.num_prefix
+        device = state.x.device
+        out_idx = torch.cat([torch.arange(prefix, device=device), b_idx])  # output layout: [prefix, B]
         into_out = F.pad(matching, (prefix, 0)).mT  # [B, P + Nb, Na]: prefix rows receive nothing
 
         def reduce(t: Tensor, mode: str) -> Tensor:
@@ -104,11 +130,6 @@ class FPETMerge(BipartiteMerge):
 
         return reduce
 
-    def merge_with_source(self, x: Tensor, size: Optional[Tensor], keys: Tensor, source: Optional[Tensor]
-                          ) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-        x, size, source = super().merge_with_source(x, size, keys, source)
-        return x, (size if self.size_grad else size.detach()), source
-
-    def extra_repr(self) -> str:
-        return (f"split={self.split!r}, grid={self.grid}, num_prefix={self.num_prefix}, stop_grad={self.stop_grad}, "
-                f"size_grad={self.size_grad}")
+    def forward(self, state: TokenState) -> TokenState:
+        state = super().forward(state)
+        return state if self.size_grad else state.replace(size=state.size.detach())

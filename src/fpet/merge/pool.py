@@ -3,17 +3,21 @@
 Each patch merges with its right-hand neighbour: the `rows x cols` grid becomes `rows x ceil(cols / 2)` (14x14 ->
 14x7 = 98 tokens + the class token, the same count as FPET). `avgpool` takes the size-weighted mean of a pair,
 `maxpool` the elementwise max; sizes add up in both. With an odd number of columns the last column stays alone.
+It needs the full grid, so it pools at one block.
 """
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import Tensor
 
 from fpet.merge.base import Reduce, TokenMerge
 from fpet.merge.bipartite import check_full_grid
-
-POOL_MODES = ("avg", "max")
+from fpet.merge.schedule import Geometry
+from fpet.state import TokenState
 
 
 def pool_neighbour_pairs(t: Tensor, grid: tuple[int, int], num_prefix: int, mode: str) -> Tensor:
@@ -29,24 +33,32 @@ def pool_neighbour_pairs(t: Tensor, grid: tuple[int, int], num_prefix: int, mode
 
 
 class NeighbourPool(TokenMerge):
-    """`merge=avgpool|maxpool` at one layer: merge each patch with its right-hand neighbour.
+    """Merge each patch with its right-hand neighbour at one block; prefix tokens kept first and untouched."""
 
-    Args:
-        mode: `avg` (size-weighted mean) or `max` (elementwise max).
-        grid: patch grid (rows, cols); needs the full grid, so it pools once at the first merge.
-        num_prefix: class (+ distillation) tokens, kept first and untouched.
-    """
+    needs = frozenset()
+    max_layers = 1
+    mode: ClassVar[str] = "avg"
 
-    def __init__(self, mode: str, grid: tuple[int, int], num_prefix: int) -> None:
-        super().__init__()
-        if mode not in POOL_MODES:
-            raise ValueError(f"pooling mode {mode!r} is not one of {POOL_MODES}")
-        self.mode, self.grid, self.num_prefix = mode, (int(grid[0]), int(grid[1])), num_prefix
-        self.weighted = mode == "avg"
+    @classmethod
+    def from_config(cls, cfg: DictConfig, geo: Geometry) -> "NeighbourPool":
+        return cls()
 
-    def match(self, x: Tensor, size: Tensor, keys: Tensor) -> Reduce:
-        check_full_grid(x.shape[1], self.grid, self.num_prefix, what=f"merge={self.mode}pool")
-        return lambda t, mode: pool_neighbour_pairs(t, self.grid, self.num_prefix, mode)
+    def hparams(self) -> dict:
+        return {"mode": self.mode}
 
-    def extra_repr(self) -> str:
-        return f"mode={self.mode!r}, grid={self.grid}, num_prefix={self.num_prefix}"
+    def match(self, state: TokenState) -> Reduce:
+        check_full_grid(state, what=f"merge={self.name}")
+        return lambda t, mode: pool_neighbour_pairs(t, state.grid, state.num_prefix, mode)
+
+
+class AvgPool(NeighbourPool):
+    """`merge=avgpool`: size-weighted mean of each pair."""
+
+    name, label, mode = "avgpool", "Avg. pooling", "avg"
+
+
+class MaxPool(NeighbourPool):
+    """`merge=maxpool`: elementwise max of each pair (sizes still add up)."""
+
+    name, label, mode = "maxpool", "Max. pooling", "max"
+    weighted = False

@@ -1,49 +1,52 @@
-"""PET methods: each wraps the module it adapts (`base_layer`) and is injected by name."""
+"""PET methods: each wraps the module it adapts (`base_layer`) or attaches a block hook, and has one registry
+record (`PETMethod`: inject, train rule, fold, pack, check) in its own file. Adding a method: its file, its config
+(configs/pet/<name>.yaml), one line in `PET_METHODS`, its tests (docs/architecture.md)."""
 from __future__ import annotations
-
-from typing import Callable
 
 from omegaconf import DictConfig
 from torch import nn
 
-from fpet.pet.adaptformer import AdaptFormerMLP, inject_adaptformer
-from fpet.pet.base import Bottleneck, PETLayer
-from fpet.pet.bi import inject_bi_adaptformer, inject_bi_lora
+from fpet.errors import UserError
+from fpet.pet.adaptformer import ADAPTFORMER, AdaptFormerMLP
+from fpet.pet.base import BlockHook, Bottleneck, PETLayer, PETMethod
+from fpet.pet.baselines import FULL, LINEAR
+from fpet.pet.bi import BI_ADAPTFORMER, BI_LORA
 from fpet.pet.binary import BinaryLinear, binarize
-from fpet.pet.inject import head_module, replace_modules, set_trainable
-from fpet.pet.lora import LoRAQKV, inject_lora
+from fpet.pet.inject import attach_to_blocks, head_module, replace_modules, set_trainable
+from fpet.pet.lora import LORA, LoRAQKV
 from fpet.pet.reparam import ReparamReport, inference_model, reparameterize
-from fpet.pet.repadapter import RepAdapterNorm, inject_repadapter
+from fpet.pet.repadapter import REPADAPTER, RepAdapterNorm
 
-PETInjector = Callable[[nn.Module, DictConfig], list[str]]
-"""`injector(vit, cfg.pet) -> names of the wrapped modules`."""
+PET_METHODS: dict[str, PETMethod] = {m.name: m for m in (
+    LORA,
+    ADAPTFORMER,
+    REPADAPTER,
+    BI_LORA,
+    BI_ADAPTFORMER,
+    FULL,
+    LINEAR,
+)}
+"""`pet=<name>` -> the method's record; one line per method."""
 
 
-def inject_nothing(vit: nn.Module, cfg: DictConfig) -> list[str]:
-    """The baselines `full` and `linear` add no PET layer; `pet.trainable` (all | head) decides what trains."""
-    return []
+class PETConfigError(UserError, ValueError):
+    """`cfg.pet` names no registered method."""
 
 
-PET_METHODS: dict[str, PETInjector] = {
-    "lora": inject_lora,
-    "adaptformer": inject_adaptformer,
-    "repadapter": inject_repadapter,
-    "bi_lora": inject_bi_lora,
-    "bi_adaptformer": inject_bi_adaptformer,
-    "full": inject_nothing,
-    "linear": inject_nothing,
-}
+def pet_method(name: str) -> PETMethod:
+    """The record of `pet=<name>`; a clear error naming the registered methods otherwise."""
+    if name not in PET_METHODS:
+        raise PETConfigError(f"pet={name!r}: accepted {sorted(PET_METHODS)}")
+    return PET_METHODS[name]
 
 
 def inject_pet(vit: nn.Module, cfg: DictConfig) -> list[str]:
-    """Inject the PET method `cfg.name` into a timm ViT in place; returns the wrapped module names."""
-    if cfg.name not in PET_METHODS:
-        raise ValueError(f"pet={cfg.name!r} is not known; choose one of {sorted(PET_METHODS)}")
-    return PET_METHODS[cfg.name](vit, cfg)
+    """Inject the PET method `cfg.name` into a timm ViT in place; returns the wrapped / attached module names."""
+    return pet_method(cfg.name).inject(vit, cfg)
 
 
 __all__ = [
-    "AdaptFormerMLP", "BinaryLinear", "Bottleneck", "LoRAQKV", "PETLayer", "PET_METHODS", "RepAdapterNorm",
-    "ReparamReport", "binarize", "head_module", "inference_model", "inject_pet", "replace_modules",
-    "reparameterize", "set_trainable",
+    "AdaptFormerMLP", "BinaryLinear", "BlockHook", "Bottleneck", "LoRAQKV", "PETLayer", "PETMethod", "PET_METHODS",
+    "RepAdapterNorm", "ReparamReport", "attach_to_blocks", "binarize", "head_module", "inference_model", "inject_pet",
+    "pet_method", "replace_modules", "reparameterize", "set_trainable",
 ]

@@ -1,9 +1,10 @@
-"""RepAdapter (Luo et al. 2023): linear sequential adapters after `norm1` and `norm2` (DESIGN section 6).
+"""RepAdapter (Luo et al. 2023): linear sequential adapters after `norm1` and `norm2`.
 
 `y + s * B(dropout(A(y)))` on the output `y` of each LayerNorm: A is dense `C -> dim` with bias (xavier-uniform
 weight, zero bias), B is grouped (`groups = 2`) `dim -> C` with bias, zero-initialised, so a fresh adapter is the
 identity. Being linear, the adapter folds into the next linear layer (`attn.qkv` after `norm1`, `mlp.fc1` after
-`norm2`) for inference: see `fpet.pet.reparam`.
+`norm2`) for inference (`fold_repadapter`): the next linear reads `y' = (I + s B A) y + s (B a + b)`, so
+`W' = W + s W B A` and `c' = c + s W (B a + b)` (B's grouped weight as a block-diagonal matrix).
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fpet.pet.base import PETLayer
+from fpet.pet.base import PETLayer, PETMethod
+from fpet.pet.fold import linear_with
 from fpet.pet.inject import replace_modules
 
 
@@ -83,3 +85,34 @@ def inject_repadapter(vit: nn.Module, cfg: DictConfig) -> list[str]:
                               dropout=cfg.dropout)
 
     return replace_modules(vit, "blocks.*.norm1", wrap) + replace_modules(vit, "blocks.*.norm2", wrap)
+
+
+@torch.no_grad()
+def fold_norm_into(norm: RepAdapterNorm, linear: nn.Linear) -> nn.Linear:
+    """`linear` reading `norm`'s adapted output, rewritten to read the plain LayerNorm output."""
+    adapter, s = norm.adapter, norm.scale
+    down_w, down_b = adapter.down.weight.double(), adapter.down.bias.double()          # [d, C], [d]
+    up_w, up_b = adapter.up.dense_weight().double(), adapter.up.bias.double()          # [C, d], [C]
+    w = linear.weight.double()                                                          # [out, C]
+    bias = linear.bias.double() if linear.bias is not None else w.new_zeros(w.shape[0])
+    new_w = w + s * (w @ up_w) @ down_w
+    new_b = bias + s * w @ (up_w @ down_b + up_b)
+    return linear_with(linear, new_w, new_b)
+
+
+def fold_repadapter(vit: nn.Module) -> list[str]:
+    """Fold every `RepAdapterNorm` into the plain linear it feeds (`norm1 -> attn.qkv`, `norm2 -> mlp.fc1`), in
+    place; returns the folded norms' names. A norm whose next layer is not a plain `nn.Linear` (another method
+    wraps it) is left as it is."""
+    folded = []
+    for i, block in enumerate(vit.blocks):
+        for norm_name, owner, attr in (("norm1", block.attn, "qkv"), ("norm2", block.mlp, "fc1")):
+            norm, target = getattr(block, norm_name), getattr(owner, attr, None)
+            if isinstance(norm, RepAdapterNorm) and type(target) is nn.Linear:
+                setattr(owner, attr, fold_norm_into(norm, target))
+                setattr(block, norm_name, norm.base_layer)
+                folded.append(f"blocks.{i}.{norm_name}")
+    return folded
+
+
+REPADAPTER = PETMethod("repadapter", "RepAdapter", inject_repadapter, fold=fold_repadapter)
