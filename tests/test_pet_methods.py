@@ -28,7 +28,7 @@ def trainable_names(model: nn.Module) -> set[str]:
 
 
 def expected_trainable(pet: str, model: nn.Module) -> set[str]:
-    """The trainable set each method is specified to have (DESIGN section 6), built from the block structure."""
+    """The trainable set each method is specified to have (docs/pet.md), built from the block structure."""
     depth = len(model.vit.blocks)
     per_block = {
         "lora": [f"attn.qkv.lora_{x}.{p}.weight" for x in "qv" for p in ("down", "up")],

@@ -72,14 +72,16 @@ def test_every_vtab_task_composes_in_its_group():
 def test_preset_cells_are_the_paper_rows_in_distinct_run_dirs(experiment, pet, expected):
     """Each cell (one task) composes, is the table row make_tables expects, and has a run dir of its own."""
     require("merge", "pet", "dataset")
-    from fpet.tables.collect import Method
+    from omegaconf import OmegaConf
+
+    from fpet.tables.collect import method_of
 
     rows, dirs = set(), set()
     for cell in sweep_cells(experiment, "dataset=dtd"):
         cfg = compose_cell(f"experiment={experiment}", *cell)
-        m = cfg.merge
-        method = Method(cfg.pet.name, m.name, m.get("layer"), m.get("r"), m.get("split"), m.get("stop_grad"))
-        rows.add(method.key if m.name != "none" else (cfg.pet.name, "none"))
+        record = {"pet": cfg.pet.name, "merge": cfg.merge.name, "backbone": cfg.backbone.name,
+                  "config": {k: OmegaConf.to_container(cfg[k], resolve=True) for k in ("merge", "backbone")}}
+        rows.add(method_of(record).key)  # the row make_tables puts this run in
         dirs.add(cfg.hydra.sweep.subdir)
         assert pet is None or cfg.pet.name == pet
     assert rows == expected

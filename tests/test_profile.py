@@ -12,7 +12,7 @@ from fpet.profile import count_flops, count_parameters, count_tokens_out, measur
 def test_vit_b16_gflops_in_fvcore_convention_with_fused_attention(make_cfg):
     model = build_model(make_cfg("backbone=vit_b16", "backbone.checkpoint=null", "pet=adaptformer",
                                  "dataset.num_classes=1000"))
-    # 17.58 G for the plain ViT-B/16 (DESIGN section 8) + 12 * 197 * 2 * 768 * 8 for AdaptFormer's adapters;
+    # 17.58 G for the plain ViT-B/16 (docs/differences.md, "Measurement conventions") + 12 * 197 * 2 * 768 * 8 for AdaptFormer's adapters;
     # attention matmuls alone are 12 * 2 * 197^2 * 768 = 0.715 G, so dropping them would fail this.
     assert count_flops(model, 224) == pytest.approx(17.58 + 0.029, abs=0.01)
 

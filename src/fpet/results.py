@@ -1,4 +1,4 @@
-"""results.json (the contract of DESIGN section 9) and the run loggers (console, metrics.jsonl, wandb)."""
+"""results.json (the keys outside tools rely on: README "What a run writes") and the run loggers (console, metrics.jsonl, wandb)."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,7 @@ import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fpet.fileio import atomic_open, write_text_atomic
+from fpet.identity import run_id
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +103,7 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
     }
     results.update({k: None for k in RESULT_KEYS if k not in results})
     results.update({
+        "run_id": run_id(cfg),
         "merge_layer": plain(cfg.merge.get("layer")),
         "merge_r": cfg.merge.get("r"),
         "merge_split": cfg.merge.get("split"),
@@ -144,7 +146,7 @@ class RunLogger:
         except ImportError:
             log.warning("logger=wandb but wandb is not installed (pip install wandb); logging to metrics.jsonl only")
             return None
-        name = f"{cfg.dataset.name}-{cfg.pet.name}-{cfg.merge.tag}-s{cfg.seed}"
+        name = run_id(cfg).replace("/", "-")
         return wandb.init(project=cfg.logger.project, entity=cfg.logger.get("entity"), group=cfg.logger.get("group"),
                           name=name, mode=mode, dir=str(run_dir), reinit="finish_previous",
                           config=OmegaConf.to_container(cfg, resolve=True))

@@ -24,18 +24,11 @@ from torch.utils.data import DataLoader
 
 from fpet.errors import UserError
 from fpet.fileio import atomic_open
+from fpet.identity import config_changes, config_fingerprint
 
 log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
-FINGERPRINT_IGNORES = {
-    "train": ("progress", "save_task", "eval_batch_size", "keep_last_ckpt", "skip_finished"),
-    "dataset": ("num_workers",),
-}
-"""Config keys that may change between an interrupted run and its resumption (they do not change the result)."""
-FINGERPRINT_GROUPS = ("seed", "backbone", "pet", "merge", "dataset", "optim", "train")
-
-
 class ResumeError(UserError, RuntimeError):
     """A rolling checkpoint that cannot be used (corrupt, truncated, or from another configuration)."""
 
@@ -47,16 +40,6 @@ class TrainState:
     epoch: int = 0
     evals: list[dict[str, float]] = field(default_factory=list)
     train_seconds: float = 0.0
-
-
-def config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
-    """The parts of the resolved config that decide a run's numbers (paths, logging and devices excluded)."""
-    full = OmegaConf.to_container(cfg, resolve=True)
-    out = {k: full.get(k) for k in FINGERPRINT_GROUPS}
-    for group, keys in FINGERPRINT_IGNORES.items():
-        for key in keys:
-            (out.get(group) or {}).pop(key, None)
-    return out
 
 
 def _digest(fingerprint: dict[str, Any]) -> str:
@@ -154,21 +137,3 @@ class RollingCheckpoint:
         scheduler.load_state_dict(payload["scheduler"])
         restore_rng(payload["rng"], train_loader)
         return TrainState(**payload["state"])
-
-
-def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
-    """Nested dicts -> one level with dotted keys: `{"pet": {"dim": 8}} -> {"pet.dim": 8}`."""
-    if not isinstance(node, dict):
-        return {prefix[:-1]: node}
-    out: dict[str, Any] = {}
-    for key, value in node.items():
-        out.update(flatten(value, f"{prefix}{key}."))
-    return out
-
-
-def config_changes(old: dict[str, Any], new: dict[str, Any], shared_only: bool = False) -> dict[str, str]:
-    """`{dotted key: "key: old -> new"}` for every value that differs between two nested configs, sorted by key;
-    `shared_only` ignores keys that only one side has."""
-    a, b = flatten(old), flatten(new)
-    keys = a.keys() & b.keys() if shared_only else a.keys() | b.keys()
-    return {k: f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(keys) if a.get(k) != b.get(k)}

@@ -19,7 +19,7 @@ from fpet.config import num_gpus, register_resolvers  # noqa: F401  (re-exported
 from fpet.errors import UserError
 
 from fpet.results import load_complete_results
-from fpet.resume import config_changes, config_fingerprint, flatten
+from fpet.identity import config_changes, config_fingerprint, flatten
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def _location(raw: Any) -> bool:
 
 
 def config_differences(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
-    """`key: stored -> current` for every value of the run fingerprint (fpet.resume.config_fingerprint: what
+    """`key: stored -> current` for every value of the run fingerprint (fpet.identity.config_fingerprint: what
     decides a run's numbers, so not devices, paths, logging or measurement settings) that differs.
 
     Keys only one side has are not differences, so a config key added by a newer version of the code does not make

@@ -1,4 +1,4 @@
-"""The training loop: build, train, evaluate, measure, write results (DESIGN sections 3 and 7).
+"""The training loop: build, train, evaluate, measure, write results (docs/architecture.md).
 
 Recipe (paper Table A8 + official code): AdamW, lr 1e-3, weight decay 1e-4, batch 64, cosine schedule with
 warm-up stepped once per epoch as the official code does (`scheduler.step(e)` after epoch e, so epochs 0 and 1 both

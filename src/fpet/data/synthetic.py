@@ -68,6 +68,7 @@ class SyntheticTask(Dataset):
         self.transform = transform
         rng = np.random.default_rng([data_seed, STREAM_IDS[self.stream], 7])
         self._label_order = rng.permutation(NUM_CLASSES)
+        self._rendered: dict[int, Tensor] = {}  # each image is drawn once (150 KB at 224x224), then reused
 
     def __len__(self) -> int:
         return self.length
@@ -77,9 +78,11 @@ class SyntheticTask(Dataset):
         return int(self._label_order[(self.offset + index) % NUM_CLASSES])
 
     def image(self, index: int) -> Tensor:
-        """The uint8 image `[3, H, W]` of item `index`."""
-        rng = np.random.default_rng([self.data_seed, STREAM_IDS[self.stream], self.offset + index])
-        return torch.from_numpy(render_image(rng, self.label(index), self.img_size))
+        """The uint8 image `[3, H, W]` of item `index` (rendered on first use, then kept in memory)."""
+        if index not in self._rendered:
+            rng = np.random.default_rng([self.data_seed, STREAM_IDS[self.stream], self.offset + index])
+            self._rendered[index] = torch.from_numpy(render_image(rng, self.label(index), self.img_size))
+        return self._rendered[index]
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
         if not 0 <= index < self.length:

@@ -1,7 +1,7 @@
 """VTAB-1K facts as data and pure functions: the 19 tasks, their tfds splits and label rules.
 
 Everything here follows the official VTAB code (google-research/task_adaptation) as NOAH's exporter runs it, and
-shared/reference/vtab1k.md. No file or framework access: the folder reader, the validator and the tfds exporter
+reference/vtab1k.md. No file or framework access: the folder reader, the validator and the tfds exporter
 all read their facts from `TASKS`, and the tests check the rules on hand-made examples.
 """
 from __future__ import annotations

@@ -54,11 +54,11 @@ class NeighbourPool(TokenMerge):
 class AvgPool(NeighbourPool):
     """`merge=avgpool`: size-weighted mean of each pair."""
 
-    name, label, mode = "avgpool", "Avg. pooling", "avg"
+    name, label, mode = "avgpool", "avg pool", "avg"
 
 
 class MaxPool(NeighbourPool):
     """`merge=maxpool`: elementwise max of each pair (sizes still add up)."""
 
-    name, label, mode = "maxpool", "Max. pooling", "max"
+    name, label, mode = "maxpool", "max pool", "max"
     weighted = False

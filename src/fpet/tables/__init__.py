@@ -1,6 +1,6 @@
 """results.json files -> the paper's tables (Markdown, LaTeX, CSV) and figures (PNG).
 
-Tables read only results.json files (DESIGN section 3); `scripts/make_tables.py RESULTS_DIR` is the command line:
+Tables read only results.json files; `scripts/make_tables.py RESULTS_DIR` is the command line:
 
     from fpet.tables import make_tables
     make_tables("outputs/multirun", "outputs/tables", acc_key="acc_best")

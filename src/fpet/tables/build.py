@@ -17,11 +17,33 @@ from fpet.tables.render import Column, Table
 
 log = logging.getLogger(__name__)
 
-PET_ORDER = ("full", "linear", "repadapter", "lora", "adaptformer", "bi_lora", "bi_adaptformer")
-PET_NAMES = {"full": "Full fine-tuning", "linear": "Linear probing", "repadapter": "RepAdapter", "lora": "LoRA",
-             "adaptformer": "AdaptFormer", "bi_lora": "Bi-LoRA", "bi_adaptformer": "Bi-AdaptFormer"}
-PAPER_PETS = PET_ORDER[2:]
+PAPER_ROWS = ("full", "linear", "repadapter", "lora", "adaptformer", "bi_lora", "bi_adaptformer")
+"""The PET rows of the paper's Tables 1 and 2 (in its order; other methods follow in registry order)."""
+PAPER_PETS = PAPER_ROWS[2:]
 """The PET methods the paper combines with FPET (Tables 1 and 2)."""
+
+
+def pet_label(pet: str) -> str:
+    """A PET method's name in tables: its registry record's label (the config name for an unknown method)."""
+    from fpet.pet import PET_METHODS
+
+    method = PET_METHODS.get(pet)
+    return method.label if method is not None else pet
+
+
+def merge_label(merge: str) -> str:
+    """A merge strategy's name in tables: its class's label (the config name for an unknown strategy)."""
+    from fpet.merge import MERGE_STRATEGIES
+
+    strategy = MERGE_STRATEGIES.get(merge)
+    return strategy.label if strategy is not None else merge
+
+
+def pet_order() -> tuple[str, ...]:
+    """The paper's rows first, then every other registered method in registry order."""
+    from fpet.pet import PET_METHODS
+
+    return PAPER_ROWS + tuple(p for p in PET_METHODS if p not in PAPER_ROWS)
 
 ACC_PROTOCOLS = {
     "acc_best": "best of the evaluations every train.eval_every (10) epochs, the official FPET code's protocol, "
@@ -110,12 +132,13 @@ def build_study(runs: list[Run], acc_key: str = "acc_best", protocol: str = "tes
 
 def label(pet: str, variant: str) -> str:
     """Row label: 'LoRA', 'LoRA + fpet', 'AdaptFormer + bsm@4', ..."""
-    name = PET_NAMES.get(pet, pet)
+    name = pet_label(pet)
     return name if variant == "none" else f"{name} + {variant}"
 
 
 def _pet_rank(pet: str) -> tuple[int, str]:
-    return (PET_ORDER.index(pet) if pet in PET_ORDER else len(PET_ORDER), pet)
+    order = pet_order()
+    return (order.index(pet) if pet in order else len(order), pet)
 
 
 def main_rows(study: Study) -> list[tuple[str, str]]:
@@ -123,7 +146,7 @@ def main_rows(study: Study) -> list[tuple[str, str]]:
     method found in the results with either setting."""
     rows: list[tuple[str, str]] = []
     if study.paper:
-        rows += [(p, "none") for p in PET_ORDER] + [(p, "fpet") for p in PAPER_PETS]
+        rows += [(p, "none") for p in PAPER_ROWS] + [(p, "fpet") for p in PAPER_PETS]
     found = sorted((k for k in study.summaries if k[1] in ("none", "fpet") and k not in rows),
                    key=lambda k: (k[1] != "none", _pet_rank(k[0])))
     return rows + found
@@ -240,7 +263,7 @@ def table3(study: Study, pet: str = "bi_adaptformer") -> Table:
     columns = [Column("method"), Column("source"), Column("acc"), Column("Δ acc", "{:+.2f}"),
                Column("Δ time (ms)", "{:+.2f}"), Column("Δ GFLOPs", "{:+.2f}"),
                Column(f"Δ memory ({study.memory_unit})", "{:+.2f}"), Column("tasks")]
-    table = Table("table3", f"Table 3: token reduction strategies on {PET_NAMES.get(pet, pet)}", columns,
+    table = Table("table3", f"Table 3: token reduction strategies on {pet_label(pet)}", columns,
                   notes=study.notes())
     base = _efficiency(study, study.get(pet))
     for name, variant, paper_name in TABLE3_ROWS:
@@ -252,15 +275,13 @@ def table3(study: Study, pet: str = "bi_adaptformer") -> Table:
             mem = number(paper["delta_mem_gb"]) if study.memory_key == "peak_mem_mb" else None
             table.rows.append([name, "paper", None, number(paper["delta_acc"]), number(paper["delta_time_ms"]), None,
                                mem, ""])
-    table.notes.append(f"Δ: against {PET_NAMES.get(pet, pet)} without merging (first row). LTMP is not "
+    table.notes.append(f"Δ: against {pet_label(pet)} without merging (first row). LTMP is not "
                        f"implemented here (paper row only).")
     return table
 
 
 LAYERS = (6, 4, 2, 1, 0)
 LAYER_MERGES = ("maxpool", "avgpool", "bsm", "fpet")
-MERGE_NAMES = {"none": "w/o merging", "maxpool": "max pool", "avgpool": "avg pool", "bsm": "BSM", "fpet": "FPET",
-               "tome": "ToMe"}
 
 
 def layer_table(study: Study, name: str, pet: str) -> Table:
@@ -269,22 +290,22 @@ def layer_table(study: Study, name: str, pet: str) -> Table:
                Column("Δ acc", "{:+.2f}"), Column("time (ms/img)", "{:.2f}"), Column("GFLOPs", "{:.2f}"),
                Column("GFLOPs vs w/o merge (%)", "{:+.1f}"), Column(f"memory ({study.memory_unit})", "{:.2f}"),
                Column("tasks")]
-    title = f"Table {name[5:]}: merge layer trade-off on {PET_NAMES.get(pet, pet)}"
+    title = f"Table {name[5:]}: merge layer trade-off on {pet_label(pet)}"
     table = Table(name, title, columns, notes=study.notes())
     base = _efficiency(study, study.get(pet))
     paper_base = _paper_layer(study, name, "none", "none")
     cells = [("n/a", "none")] + [(layer, merge) for layer in LAYERS for merge in LAYER_MERGES]
     for layer, merge in cells:
-        variant = "none" if merge == "none" else Method(pet, merge, layer).variant
+        variant = "none" if merge == "none" else Method.at_layer(pet, merge, layer, study.backbone).variant
         s = study.get(pet, variant)
         acc, time, gflops, mem = _efficiency(study, s)
-        table.rows.append([layer, MERGE_NAMES[merge], "ours", acc, diff(acc, base[0]), time, gflops,
+        table.rows.append([layer, merge_label(merge), "ours", acc, diff(acc, base[0]), time, gflops,
                            rel(gflops, base[2]), mem, _n_tasks(study, s)])
         paper = _paper_layer(study, name, str(layer) if merge != "none" else "none", merge)
         if paper:
-            table.rows.append([layer, MERGE_NAMES[merge], "paper", paper[0], diff(paper[0], paper_base[0]),
+            table.rows.append([layer, merge_label(merge), "paper", paper[0], diff(paper[0], paper_base[0]),
                                paper[1], paper[2], rel(paper[2], paper_base[2]), None, ""])
-    table.notes.append(f"Δ acc and GFLOPs vs w/o merge: against {PET_NAMES.get(pet, pet)} without merging (first "
+    table.notes.append(f"Δ acc and GFLOPs vs w/o merge: against {pet_label(pet)} without merging (first "
                        f"row). Layers are 0-based block indices.")
     return table
 

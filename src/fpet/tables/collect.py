@@ -12,80 +12,86 @@ import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
+from functools import lru_cache
 from typing import Any, Iterable, Optional
+
+from omegaconf import OmegaConf
+
+from fpet.data.vtab_rules import GROUPS, TASKS
 
 log = logging.getLogger(__name__)
 
-VTAB_TASKS: dict[str, str] = {
-    "cifar100": "natural", "caltech101": "natural", "dtd": "natural", "oxford_flowers102": "natural",
-    "oxford_iiit_pet": "natural", "svhn": "natural", "sun397": "natural",
-    "patch_camelyon": "specialized", "eurosat": "specialized", "resisc45": "specialized",
-    "diabetic_retinopathy": "specialized",
-    "clevr_count": "structured", "clevr_dist": "structured", "dmlab": "structured", "kitti_dist": "structured",
-    "dsprites_loc": "structured", "dsprites_ori": "structured", "smallnorb_azi": "structured",
-    "smallnorb_ele": "structured",
-}
-"""The 19 tasks in the paper's column order -> group (shared/reference/vtab1k.md)."""
+VTAB_TASKS: dict[str, str] = {name: spec.group for name, spec in TASKS.items()}
+"""The 19 tasks in the paper's column order -> group (from `fpet.data.vtab_rules.TASKS`, the one task list)."""
 
-VTAB_GROUPS = ("natural", "specialized", "structured")
+VTAB_GROUPS = GROUPS
 ACC_KEYS = ("acc", "acc_best")
 """The accuracy protocols of results.json: final (after the last epoch) and best of the periodic evaluations."""
 EFFICIENCY_KEYS = ("latency_ms", "throughput", "gflops", "peak_mem_mb", "train_act_mb", "train_s_per_iter",
                    "params_pet", "params_merge", "storage_bytes")
+NOT_OPTIONS = ("name", "tag")
+"""Merge config keys that never make a variant."""
 
 
-MERGE_DEFAULTS: dict[str, dict[str, Any]] = {
-    "fpet": {"layer": 6, "split": "checkerboard", "stop_grad": True},
-    "bsm": {"layer": 6, "r": 98, "split": "stripe"},
-    "tome": {"r": 8},
-    "avgpool": {"layer": 6},
-    "maxpool": {"layer": 6},
-}
-"""The options that define each strategy's runs and their paper setting (DESIGN section 5): a run that departs
-from one is a variant of its own; options not listed here do not change a strategy's row."""
+@lru_cache(maxsize=None)
+def _merge_defaults(merge: str, backbone: str, merge_layer: Optional[int]) -> tuple[tuple[str, Any], ...]:
+    from fpet.config import compose_config
+
+    extra = [] if merge_layer is None else [f"backbone.merge_layer={merge_layer}"]
+    for overrides in ([f"backbone={backbone}", *extra], extra):  # an unknown backbone: the default one's
+        try:
+            cfg = compose_config([f"merge={merge}", *overrides])
+        except Exception:  # noqa: BLE001 - a strategy or backbone this checkout does not have
+            continue
+        return tuple(OmegaConf.to_container(cfg.merge, resolve=True).items())
+    return ()
+
+
+def merge_defaults(merge: str, backbone: str, merge_layer: Optional[int] = None) -> dict[str, Any]:
+    """The defaults of `merge=<merge>` on `backbone` (its configs/merge/<merge>.yaml composed with the backbone:
+    the one source of the paper settings), `{}` when this checkout has no such strategy."""
+    return dict(_merge_defaults(merge, backbone, merge_layer))
+
+
+def option_text(key: str, value: Any) -> str:
+    """One merge option in a variant name: `@4` (layer), `+r16`, `+no_stop_grad`, `+checkerboard` (split)."""
+    if key == "layer":
+        from fpet.config import layer_tag
+
+        return "@" + (layer_tag(value) or "all")
+    if key == "r":
+        return f"+r{value}"
+    if isinstance(value, bool):
+        return f"+{key}" if value else f"+no_{key}"
+    return f"+{value}" if key == "split" else f"+{key}={value}"
 
 
 @dataclass(frozen=True)
 class Method:
-    """A PET method with a merge strategy and the strategy's options (None where not applicable)."""
+    """A PET method with a merge strategy and the merge options that depart from the strategy's defaults."""
 
     pet: str
     merge: str = "none"
-    layer: Optional[int] = None
-    r: Optional[int] = None
-    split: Optional[str] = None
-    stop_grad: Optional[bool] = None
-    default_layer: Optional[int] = None
-    """The backbone's middle block (`backbone.merge_layer`), where the paper merges; None = 6 (ViT-B/16)."""
+    options: tuple[tuple[str, Any], ...] = ()
 
     @property
     def variant(self) -> str:
         """The merge setting as a short name: `none`, `fpet`, `fpet@4` (layer 4), `bsm+checkerboard`,
-        `fpet+no_stop_grad`, `tome+r16`; options at the paper's setting are left out."""
+        `fpet+no_stop_grad`, `tome+r16`; options at the strategy's default (the paper's setting) are left out."""
         if self.merge == "none":
             return "none"
-        options = MERGE_DEFAULTS.get(self.merge, dict.fromkeys(("layer", "r", "split", "stop_grad")))
-        name = self.merge
-        for option, default in options.items():
-            value = getattr(self, option)
-            if option == "layer" and self.default_layer is not None:
-                default = self.default_layer
-            if value is None or value == default:
-                continue
-            if option == "layer":
-                name += f"@{value}"
-            elif option == "r":
-                name += f"+r{value}"
-            elif option == "stop_grad":
-                name += "+stop_grad" if value else "+no_stop_grad"
-            else:
-                name += f"+{value}"
-        return name
+        return self.merge + "".join(option_text(k, v) for k, v in self.options)
 
     @property
     def key(self) -> tuple[str, str]:
         """(pet, variant): the identity of a table row."""
         return self.pet, self.variant
+
+    @staticmethod
+    def at_layer(pet: str, merge: str, layer: int, backbone: str = "vit_b16") -> "Method":
+        """`pet` with `merge` at block `layer`, its other options at their defaults (the layer tables' cells)."""
+        default = merge_defaults(merge, backbone).get("layer")
+        return Method(pet, merge, () if layer == default else (("layer", layer),))
 
 
 @dataclass(frozen=True)
@@ -122,17 +128,25 @@ class Stat:
         return Stat(statistics.fmean(values), std, len(values))
 
 
-def _method(results: dict[str, Any]) -> Method:
+def _hashable(value: Any) -> Any:
+    return tuple(value) if isinstance(value, list) else value
+
+
+def method_of(results: dict[str, Any]) -> Method:
+    """The table row of a results record: its PET method, merge strategy and the merge options (from its config;
+    the top-level `merge_*` keys for older records) that differ from the strategy's defaults."""
     merge = results.get("merge") or "none"
     if merge == "none":
         return Method(results["pet"])
     config = results.get("config") or {}
-    stop_grad = (config.get("merge") or {}).get("stop_grad")
+    options = dict(config.get("merge") or {})
+    for key in ("layer", "r", "split"):
+        options.setdefault(key, results.get(f"merge_{key}"))
     middle = (config.get("backbone") or {}).get("merge_layer")
-    layer, r = results.get("merge_layer"), results.get("merge_r")
-    return Method(results["pet"], merge, None if layer is None else int(layer), None if r is None else int(r),
-                  results.get("merge_split"), None if stop_grad is None else bool(stop_grad),
-                  None if middle is None else int(middle))
+    defaults = merge_defaults(merge, results.get("backbone") or "vit_b16", middle)
+    differing = tuple((k, _hashable(v)) for k, v in sorted(options.items())
+                      if k not in NOT_OPTIONS and v is not None and v != defaults.get(k))
+    return Method(results["pet"], merge, differing)
 
 
 def run_from_results(results: dict[str, Any], path: str) -> Run:
@@ -140,7 +154,7 @@ def run_from_results(results: dict[str, Any], path: str) -> Run:
     task = results["task"]
     group = ((results.get("config") or {}).get("dataset") or {}).get("group") or VTAB_TASKS.get(task, "other")
     return Run(
-        method=_method(results), task=task, group=group, seed=int(results["seed"]),
+        method=method_of(results), task=task, group=group, seed=int(results["seed"]),
         accuracy={k: results.get(k) for k in ACC_KEYS},
         efficiency={k: results.get(k) for k in EFFICIENCY_KEYS}, backbone=results["backbone"],
         protocol=results.get("protocol") or "test", device=results.get("device") or "",

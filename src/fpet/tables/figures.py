@@ -11,8 +11,8 @@ import logging
 from pathlib import Path
 from typing import Optional
 
-from fpet.tables.build import (LAYER_MERGES, LAYERS, MERGE_NAMES, PAPER_PETS, PET_NAMES, Study, paper_efficiency,
-                               label, main_rows)
+from fpet.tables.build import (LAYER_MERGES, LAYERS, PAPER_PETS, Study, label, main_rows, merge_label,
+                               paper_efficiency, pet_label)
 from fpet.tables.collect import Method
 from fpet.tables.paper import paper_method
 
@@ -68,7 +68,7 @@ def _paper_points(ax, index: int) -> None:
 
 def _layer_gflops(study: Study, pet: str, layer: int) -> Optional[float]:
     for merge in LAYER_MERGES:
-        s = study.get(pet, Method(pet, merge, layer).variant)
+        s = study.get(pet, Method.at_layer(pet, merge, layer, study.backbone).variant)
         if s is not None and s.efficiency.get("gflops") is not None:
             return s.efficiency["gflops"]
     return None
@@ -90,7 +90,7 @@ def fig_layers(study: Study, path: str | Path, pet: str = "adaptformer") -> Opti
     bars.set_ylabel("GFLOPs")
     for merge, values in acc.items():
         ax.plot(positions, [v if v is not None else float("nan") for v in values], marker="o",
-                label=MERGE_NAMES[merge])
+                label=merge_label(merge))
     base = study.get(pet)
     if base is not None and base.average is not None:
         ax.axhline(base.average.mean, linestyle="--", color="black", label="w/o merging")
@@ -98,13 +98,13 @@ def fig_layers(study: Study, path: str | Path, pet: str = "adaptformer") -> Opti
     ax.patch.set_visible(False)
     ax.set_xticks(positions, [str(layer) for layer in layers])
     ax.set(xlabel="merge layer (0-based block index)", ylabel=f"Average accuracy (%, {study.acc_key})",
-           title=f"{PET_NAMES.get(pet, pet)}: accuracy and GFLOPs by merge layer")
+           title=f"{pet_label(pet)}: accuracy and GFLOPs by merge layer")
     ax.legend(fontsize=8, loc="lower right")
     return _save(fig, path)
 
 
 def _average(study: Study, pet: str, merge: str, layer: int) -> Optional[float]:
-    s = study.get(pet, Method(pet, merge, layer).variant)
+    s = study.get(pet, Method.at_layer(pet, merge, layer, study.backbone).variant)
     return s.average.mean if s is not None and s.average is not None else None
 
 
