@@ -19,7 +19,10 @@ from fpet.pet.repadapter import GroupedLinear
 from fpet.vit import TokenViT
 from test_vit import PairMerge
 
-PETS = ["lora", "adaptformer", "repadapter", "bi_lora", "bi_adaptformer", "full", "linear"]
+TABLE_PETS = ["lora", "adaptformer", "repadapter", "bi_lora", "bi_adaptformer", "full", "linear"]
+COMPARISON_PETS = ["bitfit", "ln_tune"]
+"""The comparison methods (tests/test_pet_comparison.py checks their train rules and counts)."""
+PETS = [*TABLE_PETS, *COMPARISON_PETS]
 HEAD = {"vit.head.weight", "vit.head.bias"}
 
 
@@ -47,7 +50,7 @@ def test_registry_has_every_method_and_a_config_each():
     assert {p.stem for p in (ROOT / "configs" / "pet").glob("*.yaml")} == set(PETS)
 
 
-@pytest.mark.parametrize("pet", PETS)
+@pytest.mark.parametrize("pet", TABLE_PETS)
 def test_trainable_set_is_exactly_as_specified(make_cfg, pet):
     model = build_model(make_cfg(f"pet={pet}"))
     assert trainable_names(model) == expected_trainable(pet, model)
@@ -60,7 +63,7 @@ def test_trainable_set_is_exactly_as_specified(make_cfg, pet):
 def vit_b16_counts() -> dict[str, int]:
     """params_pet of every method on ViT-B/16 (random init, 1000 classes), built once."""
     counts = {}
-    for pet in PETS:
+    for pet in TABLE_PETS:
         cfg = compose_config(["backbone.checkpoint=null", f"pet={pet}", "dataset.num_classes=1000"])
         model = build_model(cfg)
         head = {id(p) for p in model.vit.head.parameters()}

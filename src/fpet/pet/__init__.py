@@ -11,6 +11,7 @@ from fpet.pet.adaptformer import ADAPTFORMER, AdaptFormerMLP
 from fpet.pet.base import BlockHook, Bottleneck, PETLayer, PETMethod
 from fpet.pet.baselines import FULL, LINEAR
 from fpet.pet.bi import BI_ADAPTFORMER, BI_LORA
+from fpet.pet.bitfit import BITFIT, LN_TUNE
 from fpet.pet.binary import BinaryLinear, binarize
 from fpet.pet.inject import attach_to_blocks, head_module, replace_modules, set_trainable
 from fpet.pet.lora import LORA, LoRAQKV
@@ -25,6 +26,8 @@ PET_METHODS: dict[str, PETMethod] = {m.name: m for m in (
     BI_ADAPTFORMER,
     FULL,
     LINEAR,
+    BITFIT,
+    LN_TUNE,
 )}
 """`pet=<name>` -> the method's record; one line per method."""
 
