@@ -46,6 +46,10 @@ class TokenMerge(nn.Module):
         every_block: `merge.layer=null` means every block (else null is an error).
         max_layers: how many blocks it may sit at (None = any number).
         weighted: True averages a group's members weighted by size; False takes their elementwise max.
+        static_tokens: the number of tokens it leaves depends on the input's shape only, never on its values, so
+            its inference graph is static (`fpet.export` exports it with a dynamic batch dimension). A strategy
+            that keeps an input-dependent number of tokens (a learned threshold) sets False: it exports for
+            batch size 1 only, or not at all.
     """
 
     name: ClassVar[str] = ""
@@ -54,6 +58,7 @@ class TokenMerge(nn.Module):
     every_block: ClassVar[bool] = False
     max_layers: ClassVar[Optional[int]] = None
     weighted: bool = True
+    static_tokens: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, cfg: DictConfig, geo: "Geometry") -> "TokenMerge":

@@ -33,8 +33,10 @@ def stripe_split(num_tokens: int, num_prefix: int, device: torch.device | str = 
 
     With one class token this is exactly ToMe's `x[..., ::2, :]` / `x[..., 1::2, :]` minus the class token.
     """
-    positions = torch.arange(num_prefix, num_tokens, device=device)
-    return positions[positions % 2 == 0], positions[positions % 2 == 1]
+    first_even = num_prefix + num_prefix % 2  # strided ranges, not a boolean mask: sizes known when traced
+    first_odd = num_prefix + 1 - num_prefix % 2
+    return (torch.arange(first_even, num_tokens, 2, device=device),
+            torch.arange(first_odd, num_tokens, 2, device=device))
 
 
 def checkerboard_split(grid: tuple[int, int], num_prefix: int, device: torch.device | str = "cpu"
