@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-prepare demo test test-all bench clean
+.PHONY: help install install-prepare install-export demo test test-all bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -20,6 +20,9 @@ install: $(PY)  ## create .venv and install the pinned requirements + the fpet p
 
 install-prepare: $(PY)  ## optional: tensorflow-datasets + backend for scripts/prepare_vtab.py (not needed to train or test)
 	$(PY) -m pip install -r requirements-prepare.txt
+
+install-export: $(PY)  ## optional: onnx, onnxscript, onnxruntime for scripts/export.py --format onnx (not needed to train or test)
+	$(PY) -m pip install -r requirements-export.txt
 
 demo:  ## train LoRA on the embedded synthetic task with vit_micro (CPU, < 3 min) and print a summary
 	$(PY) scripts/demo.py

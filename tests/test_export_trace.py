@@ -5,18 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
+from fpet.export import TINY
 from fpet.merge import MERGE_STRATEGIES
 from fpet.merge.bipartite import stripe_split
 from fpet.pipeline import session_from_overrides
 from fpet.validate import ConfigError
 
-TINY = ["backbone=vit_micro", "+backbone.kwargs.depth=2", "backbone.merge_layer=1", "logger=none", "device=cpu"]
-"""Two blocks of vit_micro (ViT-B/16's 197 tokens), merging at block 1."""
-
 
 def tiny_inference_model(merge: str, pet: str = "lora") -> torch.nn.Module:
     try:
-        session = session_from_overrides([*TINY, f"pet={pet}", f"merge={merge}"])
+        session = session_from_overrides([*TINY, "device=cpu", f"pet={pet}", f"merge={merge}"])
     except ConfigError as err:  # a strategy that needs another PET method or keys of its own
         pytest.skip(f"merge={merge} needs more than its defaults on the tiny backbone: {err}")
     model, _ = session.inference()
@@ -47,3 +45,55 @@ def test_stripe_split_has_trace_time_sizes():
         positions = torch.arange(num_prefix, 197 + num_prefix - 1)
         assert a.tolist() == positions[positions % 2 == 0].tolist()
         assert b.tolist() == positions[positions % 2 == 1].tolist()
+
+
+# ---------------------------------------------------------------- export without onnx (torch only)
+
+from fpet import export  # noqa: E402
+from fpet.checkpoint import read_task_file, save_task, task_overrides  # noqa: E402
+
+
+@pytest.fixture
+def tiny_task_file(tmp_path):
+    """A task file of the tiny backbone with pet=lora merge=fpet (random init, outside any run directory)."""
+    session = session_from_overrides([*TINY, "device=cpu", "pet=lora", "merge=fpet", "dataset.normalize=imagenet"])
+    path = tmp_path / "task.safetensors"
+    save_task(session.model, path, session.task_info())
+    return path
+
+
+def test_a_bare_task_file_composes_the_config_it_records(tiny_task_file):
+    info, _ = read_task_file(tiny_task_file)
+    overrides = task_overrides(info)
+    assert overrides[:3] == ["backbone=vit_micro", "backbone.img_size=224", "dataset=synthetic"]
+    assert "pet=lora" in overrides and "merge=fpet" in overrides and "merge.layer=1" in overrides
+    source = export.resolve_source(str(tiny_task_file), ["+backbone.kwargs.depth=2", "backbone.merge_layer=1"])
+    assert source.task_file == tiny_task_file and source.label.startswith("task file")
+    assert (source.cfg.pet.name, source.cfg.merge.name, source.cfg.merge.layer) == ("lora", "fpet", 1)
+
+
+def test_the_exported_program_reproduces_pytorch_and_a_failing_one_is_not_written(tiny_task_file, monkeypatch):
+    source = export.resolve_source(str(tiny_task_file), ["+backbone.kwargs.depth=2", "backbone.merge_layer=1",
+                                                         "dataset.normalize=imagenet"])
+    deploy, cfg = export.inference_model(source)
+    assert deploy.normalize == "imagenet" and export.fixed_batch(deploy) is None
+    out = tiny_task_file.parent / "model.pt"
+    images = torch.rand(2, 3, 224, 224)
+    with torch.no_grad():  # the normalisation is inside: raw [0, 1] images in, the folded model's logits out
+        from fpet.data.transforms import to_float
+
+        torch.testing.assert_close(deploy(images), deploy.model(to_float(images, "imagenet")))
+    result = export.export_verified(deploy, "torchscript", out, 224, [("given", images)])
+    assert out.is_file() and [c.images for c in result.checks] == [1, 3, 2]
+    out.unlink()
+    monkeypatch.setattr(export, "TOLERANCE", -1.0)  # no file can pass: it must not be written
+    with pytest.raises(export.ExportError, match="nothing written"):
+        export.export_verified(deploy, "torchscript", out, 224, [])
+    assert list(tiny_task_file.parent.iterdir()) == [tiny_task_file]
+
+
+def test_a_recorded_run_config_refuses_group_overrides(tmp_path):
+    cfg = export.resolve_source(None, [*TINY]).cfg
+    with pytest.raises(export.ExportError, match="pet=adaptformer"):
+        export.apply_key_overrides(cfg, ["pet=adaptformer"])
+    assert export.apply_key_overrides(cfg, ["paths.data_dir=/elsewhere"]).paths.data_dir == "/elsewhere"

@@ -148,6 +148,25 @@ def override_value(value: Any) -> str:
     return "null" if value is None else json.dumps(value) if isinstance(value, (list, dict)) else str(value)
 
 
+def task_overrides(info: dict[str, Any], groups: tuple[str, ...] = ("backbone", "dataset", "pet", "merge")
+                   ) -> list[str]:
+    """Overrides (as on train.py's command line) that compose the config a task file's metadata `info` records:
+    `backbone=<name>`, `dataset=<task>`, and `pet=<name>` / `merge=<name>` with every recorded key of theirs."""
+    out = []
+    if "backbone" in groups and info.get("backbone"):
+        out.append(f"backbone={info['backbone']}")
+        if info.get("img_size"):
+            out.append(f"backbone.img_size={info['img_size']}")
+    if "dataset" in groups and info.get("task"):
+        out.append(f"dataset={info['task']}")
+    for group in ("pet", "merge"):
+        if group in groups and info.get(group):
+            values = dict(info[group])
+            out += [f"{group}={values.pop('name', 'none')}",
+                    *(f"{group}.{key}={override_value(value)}" for key, value in values.items())]
+    return out
+
+
 def check_tensors(path: str | Path, found: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
     """Raise unless the file holds exactly the expected names with the expected shapes and dtypes."""
     missing, unexpected = sorted(expected.keys() - found.keys()), sorted(found.keys() - expected.keys())

@@ -13,7 +13,7 @@ import torch
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
-from fpet.checkpoint import load_task, override_value, read_task_file, task_metadata
+from fpet.checkpoint import load_task, read_task_file, task_metadata, task_overrides
 from fpet.config import compose_config
 from fpet.merge import build_merges
 from fpet.model import build_model
@@ -74,10 +74,7 @@ def trained_model(overrides: Sequence[str], checkpoint: str | Path) -> tuple[Tok
     PET method or class count is refused with the override that fixes it.
     """
     info, _ = read_task_file(checkpoint)
-    merge_cfg = dict(info.get("merge") or {})
-    merge = [f"merge={merge_cfg.pop('name', 'none')}"] + [f"merge.{key}={override_value(value)}"
-                                                          for key, value in merge_cfg.items()]
-    cfg = compose_config([*overrides, *merge])
+    cfg = compose_config([*overrides, *task_overrides(info, ("merge",))])
     model = build_model(cfg)
     load_task(model, checkpoint, task_metadata(cfg, model))
     return model, cfg
