@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fpet.tables import make_tables  # noqa: E402
-from fpet.tables.build import ACC_PROTOCOLS  # noqa: E402
+from fpet.tables.build import ACC_PROTOCOLS, protocol_text  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,9 +25,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--acc", default="acc_best", choices=sorted(ACC_PROTOCOLS),
                         help="accuracy protocol: acc_best = best of the evaluations every 10 epochs, the official "
                              "code's protocol behind the paper's numbers, so ours and the paper's compare like for "
-                             "like (default); acc = after the last epoch, no selection on the test set")
-    parser.add_argument("--protocol", default="test", choices=("test", "val"),
-                        help="data protocol of the runs to show (default: %(default)s, the paper's)")
+                             "like (default); acc = after the last epoch, no selection on the test set. With --protocol "
+                             "paper / selected / both the protocol decides")
+    parser.add_argument("--protocol", default="test", choices=("test", "val", "paper", "selected", "both"),
+                        help="runs to show: test / val = the paper's recipe on that data protocol with --acc "
+                             "(default: %(default)s); paper = recipe, best of test every 10 epochs (the paper's "
+                             "code); selected = val-selected hyper-parameters (+hparams runs), final epoch; both = "
+                             "paper and selected rows side by side. Each table's protocol column says which.")
+    parser.add_argument("--mix-sources", action="store_true",
+                        help="allow runs that read different data (NOAH's JPEGs vs a tfds export, or changed "
+                             "list files) in one row; refused by default, noted in the tables when allowed")
     parser.add_argument("--backbone", default=None, help="backbone to show when results hold several")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     return parser.parse_args(argv)
@@ -38,10 +45,10 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out) if args.out else Path(args.results_dir) / "tables"
     study, written = make_tables(args.results_dir, out, args.acc, args.protocol, args.backbone,
-                                 figures=not args.no_figures)
+                                 figures=not args.no_figures, allow_mixed_sources=args.mix_sources)
     tasks = len(study.tasks)
     print(f"{len(study.runs)} runs of {study.backbone} ({args.protocol} protocol) over {tasks} tasks in "
-          f"{len(study.summaries)} method rows; accuracy: {args.acc}")
+          f"{len(study.summaries)} method rows; accuracy: {protocol_text(study)}")
     for key, summary in sorted(study.summaries.items()):
         average = "n/a" if summary.average is None else f"{summary.average.mean:.2f}"
         print(f"  {key[0]:>15} + {key[1]:<22} {len(summary.tasks):>2}/{tasks} tasks  Average {average}")
@@ -49,4 +56,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fpet.pipeline import script_main
+
+    script_main(main)

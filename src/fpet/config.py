@@ -28,8 +28,12 @@ def layer_tag(layer: Any, prefix: str = "") -> str:
 
 
 def register_resolvers() -> None:
-    """Register `${fpet.num_gpus:N}` and `${fpet.layer_tag:...}` (idempotent); before any composition."""
-    for name, fn in (("fpet.num_gpus", num_gpus), ("fpet.layer_tag", layer_tag)):
+    """Register `${fpet.num_gpus:N}`, `${fpet.layer_tag:...}`, `${fpet.search_tag:}` and `${fpet.hparam:KEY}`
+    (fpet.hparams) (idempotent); before any composition."""
+    from fpet.hparams import hparam_value, search_tag_resolver
+
+    for name, fn in (("fpet.num_gpus", num_gpus), ("fpet.layer_tag", layer_tag),
+                     ("fpet.search_tag", search_tag_resolver), ("fpet.hparam", hparam_value)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

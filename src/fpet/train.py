@@ -188,10 +188,14 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
 
 def finish(session: Session, fit_out: dict[str, Any], extra: dict[str, Any], saved: bool = True) -> dict[str, Any]:
     """The results record of a trained or loaded model: accuracy from `fit_out`, the profile, storage."""
+    from fpet.data.provenance import data_provenance
+    from fpet.hparams import hparams_record
+
     efficiency = session.profile()
     storage = session.storage() if saved else {"storage_bytes": None, "storage_bytes_no_head": None}
     extra = {"reparameterized": efficiency["reparameterized"],
-             "storage_bytes_no_head": storage["storage_bytes_no_head"], **extra}
+             "storage_bytes_no_head": storage["storage_bytes_no_head"],
+             "data": data_provenance(session.cfg), "hparams": hparams_record(session.cfg), **extra}
     return build_results(session.cfg, fit_out, efficiency, storage["storage_bytes"], session.device, extra)
 
 
@@ -221,8 +225,10 @@ def main(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> dict[str, Any
     default true): its stored results are returned, so a re-launched sweep resumes where it stopped. In a multirun
     on a machine with several GPUs, `device=auto` gives each run a GPU of its own (fpet.sweep.claim_device).
     """
+    from fpet.hparams import check_hparams
     from fpet.sweep import claim_device, finished_results
 
+    check_hparams(cfg)  # +hparams=<name> without an entry for this task and method stops here, with the fix
     if run_dir is None:
         from hydra.core.hydra_config import HydraConfig
 

@@ -77,8 +77,10 @@ def config_warnings(cfg: DictConfig) -> list[str]:
 def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
     """Raise `ConfigError` listing every invalid value of `cfg` (nothing has been read or built yet)."""
     from fpet.data import dataset_problems
+    from fpet.hparams import check_hparams
     from fpet.model import model_problems
 
+    check_hparams(cfg)  # +hparams=<name>: the table must hold this run before any selected value is read
     problems = recipe_problems(cfg) + dataset_problems(cfg) + model_problems(cfg)
     if check_files:
         problems += file_problems(cfg)

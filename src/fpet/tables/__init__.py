@@ -26,13 +26,62 @@ TABLES: dict[str, Callable[[Study], Table]] = {
 RENDERERS = {"md": to_markdown, "tex": to_latex, "csv": to_csv}
 
 
-def write_tables(study: Study, out_dir: str | Path) -> list[Path]:
-    """Every table as `<name>.md`, `.tex` and `.csv` in `out_dir`, plus all Markdown tables in `tables.md`."""
+REPORTS = {
+    "paper": dict(protocol="test", selection="recipe", acc_key="acc_best"),
+    "selected": dict(protocol="test", selection="selected", acc_key="acc"),
+}
+"""make_tables `--protocol paper|selected` (and `both`): the paper's recipe scored as the official code does (best
+of the test evaluations every 10 epochs), or validation-selected hyper-parameters (`+hparams`) at the final epoch."""
+PAPER_PROTOCOL = "reported by the paper (official code: best of test every 10 epochs)"
+
+
+def with_protocol(table: Table, text: str) -> Table:
+    """`table` with a `protocol` column after `source` saying what each row's accuracy is (`text` for ours)."""
+    names = [c.name for c in table.columns]
+    at = names.index("source") + 1 if "source" in names else 1
+    table.columns.insert(at, Column("protocol", "{}"))
+    for row in table.rows:
+        row.insert(at, PAPER_PROTOCOL if "paper" in row[:at] else text)
+    return table
+
+
+def side_by_side(first: Table, second: Table) -> Table:
+    """`first` with each of `second`'s own rows placed right after `first`'s row of the same method (the cells
+    before `source`); rows `first` lacks go at the end; `second`'s paper rows are dropped (`first` has them)."""
+    at = [c.name for c in first.columns].index("source")
+    own = [row for row in second.rows if row[at] == "ours"]
+    rows: list[list] = []
+    for row in first.rows:
+        rows.append(row)
+        if row[at] == "ours":
+            rows += [r for r in own if r[:at] == row[:at]]
+    placed = {id(r) for r in rows}
+    first.rows = rows + [r for r in own if id(r) not in placed]
+    first.notes = list(dict.fromkeys([*first.notes, *second.notes]))
+    return first
+
+
+def build_tables(study: Study, companion: Optional[Study] = None) -> dict[str, Table]:
+    """Every table of `study` with its protocol column; with a `companion` study (another protocol over the same
+    methods) its rows sit beside each method's rows."""
+    from fpet.tables.build import protocol_text
+
+    out = {}
+    for name, build in TABLES.items():
+        table = with_protocol(build(study), protocol_text(study))
+        if companion is not None:
+            table = side_by_side(table, with_protocol(build(companion), protocol_text(companion)))
+        out[name] = table
+    return out
+
+
+def write_tables(study: Study, out_dir: str | Path, companion: Optional[Study] = None) -> list[Path]:
+    """Every table as `<name>.md`, `.tex` and `.csv` in `out_dir`, plus all Markdown tables in `tables.md`
+    (`companion`: a second protocol's rows beside each method, see `build_tables`)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     written, markdown = [], []
-    for name, build in TABLES.items():
-        table = build(study)
+    for name, table in build_tables(study, companion).items():
         for ext, render in RENDERERS.items():
             path = out_dir / f"{name}.{ext}"
             path.write_text(render(table))
@@ -44,16 +93,30 @@ def write_tables(study: Study, out_dir: str | Path) -> list[Path]:
 
 def make_tables(results_dir: str | Path, out_dir: Optional[str | Path] = None, acc_key: str = "acc_best",
                 protocol: str = "test", backbone: Optional[str] = None,
-                figures: bool = True) -> tuple[Study, list[Path]]:
+                figures: bool = True, allow_mixed_sources: bool = False) -> tuple[Study, list[Path]]:
     """Read every results.json below `results_dir`; write the tables (and figures) to `out_dir`
-    (default `<results_dir>/tables`). Returns the study behind them and the written files."""
-    study = build_study(load_runs(results_dir), acc_key, protocol, backbone)
+    (default `<results_dir>/tables`). Returns the study behind them and the written files.
+
+    `protocol`: `test` / `val` (the data protocol; the paper's recipe runs, accuracy `acc_key`), `paper` (test,
+    recipe, best of the periodic test evaluations), `selected` (test, `+hparams` runs, final epoch) or `both`
+    (paper and selected rows side by side; the study returned is the paper one). Rows whose runs read different
+    data are refused unless `allow_mixed_sources`."""
+    runs = load_runs(results_dir)
+    companion = None
+    if protocol in REPORTS or protocol == "both":
+        first = "paper" if protocol == "both" else protocol
+        study = build_study(runs, backbone=backbone, allow_mixed_sources=allow_mixed_sources, **REPORTS[first])
+        if protocol == "both":
+            companion = build_study(runs, backbone=study.backbone, allow_mixed_sources=allow_mixed_sources,
+                                    **REPORTS["selected"])
+    else:
+        study = build_study(runs, acc_key, protocol, backbone, allow_mixed_sources=allow_mixed_sources)
     out_dir = Path(out_dir) if out_dir is not None else Path(results_dir) / "tables"
-    written = write_tables(study, out_dir)
+    written = write_tables(study, out_dir, companion)
     if figures:
         written += write_figures(study, out_dir)
     return study, written
 
 
-__all__ = ["Column", "Method", "Run", "Stat", "Study", "Summary", "TABLES", "Table", "VTAB_TASKS", "build_study",
+__all__ = ["REPORTS", "build_tables", "side_by_side", "with_protocol", "Column", "Method", "Run", "Stat", "Study", "Summary", "TABLES", "Table", "VTAB_TASKS", "build_study",
            "load_runs", "make_tables", "to_csv", "to_latex", "to_markdown", "write_figures", "write_tables"]

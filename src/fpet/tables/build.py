@@ -8,9 +8,10 @@ from __future__ import annotations
 import logging
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from fpet.errors import UserError
 from fpet.tables.collect import (VTAB_TASKS, Method, Run, Stat, Summary, deduplicate, summarize, table_tasks)
 from fpet.tables.paper import number, paper_method, paper_row
 from fpet.tables.render import Column, Table
@@ -67,6 +68,10 @@ class Study:
     protocol: str
     paper: bool
     memory_key: str
+    selection: str = "recipe"
+    """Which runs: `recipe` (the paper's hyper-parameters), `selected` (a `+hparams` table), `any`."""
+    mixed_sources: list[str] = field(default_factory=list)
+    """Rows whose runs read different data (only when allowed; see `check_sources`)."""
 
     def get(self, pet: str, variant: str = "none") -> Optional[Summary]:
         return self.summaries.get((pet, variant))
@@ -92,6 +97,8 @@ class Study:
                  f"Memory: {MEMORY[self.memory_key][2]}."]
         if self.paper:
             notes.append("paper: the values the paper reports (reference/paper/*.csv).")
+        notes.append(f"Protocol: {protocol_text(self)}; data: {data_text(self)}.")
+        notes += [f"MIXED DATA (allowed by --mix-sources): {m}" for m in self.mixed_sources]
         return notes
 
 
@@ -108,26 +115,86 @@ def pick_backbone(runs: list[Run], backbone: Optional[str]) -> str:
     raise ValueError(f"results of several backbones {found}; choose one with --backbone")
 
 
+SELECTIONS = ("recipe", "selected", "any")
+
+
+class MixedDataError(UserError, ValueError):
+    """Runs of one table row read different data (sources or folders); refused unless allowed."""
+
+
+def protocol_text(study: Study) -> str:
+    """What a table's accuracy is, in words: "val-selected, final epoch, mean of 3 seeds", "best of test every 10
+    epochs (paper code)", ..."""
+    split = "val200" if study.protocol == "val" else "test"
+    seeds = max((stat.n for s in study.summaries.values() for stat in s.tasks.values() if stat), default=0)
+    seed_text = f"mean of {seeds} seeds" if seeds > 1 else "1 seed"
+    if study.acc_key == "acc_best":
+        every = sorted({r.eval_every for r in study.runs if r.eval_every}) or [10]
+        return f"best of {split} every {'/'.join(map(str, every))} epochs (paper code), {seed_text}"
+    names = sorted({r.selection for r in study.runs if r.selection})
+    chosen = "val-selected" + (f" ({', '.join(names)})" if names else "") if study.selection == "selected" else \
+        "paper recipe"
+    return f"{chosen}, final epoch, {seed_text}"
+
+
+def data_text(study: Study) -> str:
+    sources = sorted({r.data_source for r in study.runs})
+    return ", ".join(sources) or "none"
+
+
+def check_sources(by_key: dict[tuple[str, str], list[Run]], allow: bool) -> list[str]:
+    """Every row must read one data source, and each of its tasks one folder (data hash): `MixedDataError` naming
+    the row and the runs, or (with `allow`) the descriptions for the table notes."""
+    problems = []
+    for key, runs in sorted(by_key.items()):
+        sources = sorted({r.data_source for r in runs})
+        if len(sources) > 1:
+            example = {src: next(r.path for r in runs if r.data_source == src) for src in sources}
+            problems.append(f"{label(*key)}: data sources {', '.join(sources)} (e.g. " +
+                            "; ".join(f"{src}: {path}" for src, path in example.items()) + ")")
+        by_task: dict[str, set] = defaultdict(set)
+        for run in runs:
+            if run.data_hash:
+                by_task[run.task].add(run.data_hash)
+        problems += [f"{label(*key)} / {task}: {len(hashes)} different data folders (hashes "
+                     f"{', '.join(h[:12] for h in sorted(hashes))})" for task, hashes in by_task.items()
+                     if len(hashes) > 1]
+    if problems and not allow:
+        raise MixedDataError("runs that read different data would share a table row:\n  - " +
+                             "\n  - ".join(problems) + "\nKeep one data source per results folder, or pass "
+                             "--mix-sources (make_tables(..., allow_mixed_sources=True)) to show them anyway, "
+                             "noted in the tables")
+    return problems
+
+
 def build_study(runs: list[Run], acc_key: str = "acc_best", protocol: str = "test",
-                backbone: Optional[str] = None) -> Study:
-    """Filter runs to one backbone and data protocol, drop duplicates and summarise each (pet, variant) row."""
+                backbone: Optional[str] = None, selection: str = "recipe",
+                allow_mixed_sources: bool = False) -> Study:
+    """Filter runs to one backbone, data protocol and hyper-parameter origin (`selection`: the paper's recipe, a
+    `+hparams` table, or any), drop duplicates and summarise each (pet, variant) row. Rows mixing data sources
+    raise `MixedDataError` unless `allow_mixed_sources`."""
     if acc_key not in ACC_PROTOCOLS:
         raise ValueError(f"accuracy protocol {acc_key!r} is not one of {sorted(ACC_PROTOCOLS)}")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection {selection!r} is not one of {SELECTIONS}")
     backbone = pick_backbone(runs, backbone) if runs else (backbone or "vit_b16")
-    runs = deduplicate([r for r in runs if r.backbone == backbone and r.protocol == protocol])
+    wanted = {"recipe": lambda r: r.selection is None, "selected": lambda r: r.selection is not None,
+              "any": lambda r: True}[selection]
+    runs = deduplicate([r for r in runs if r.backbone == backbone and r.protocol == protocol and wanted(r)])
     groups = table_tasks(runs)
     tasks = {t for ts in groups.values() for t in ts}
     by_key: dict[tuple[str, str], list[Run]] = defaultdict(list)
     for run in runs:
         if run.task in tasks:
             by_key[run.method.key].append(run)
+    mixed = check_sources(by_key, allow_mixed_sources)
     summaries = {key: summarize(key, rs, groups, acc_key) for key, rs in by_key.items()}
     trained = [r for r in runs if r.efficiency.get("train_act_mb") is not None]
     memory_key = "peak_mem_mb" if trained and all(r.efficiency.get("peak_mem_mb") for r in trained) else \
         "train_act_mb"
     paper = backbone == "vit_b16" and any(t in VTAB_TASKS for t in tasks)
     return Study([r for rs in by_key.values() for r in rs], groups, summaries, backbone, acc_key, protocol, paper,
-                 memory_key)
+                 memory_key, selection, mixed)
 
 
 def label(pet: str, variant: str) -> str:

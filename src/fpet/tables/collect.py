@@ -109,6 +109,12 @@ class Run:
     device: str
     finished_at: str
     path: str
+    selection: Optional[str] = None
+    """Name of the `+hparams=<name>` table the run's hyper-parameters came from; None: the paper's recipe."""
+    data_source: str = "unknown"
+    """Which data the run read (`data.source` of results.json, fpet.data.provenance)."""
+    data_hash: Optional[str] = None
+    eval_every: Optional[int] = None
 
 
 @dataclass(frozen=True)
@@ -158,7 +164,17 @@ def run_from_results(results: dict[str, Any], path: str) -> Run:
         accuracy={k: results.get(k) for k in ACC_KEYS},
         efficiency={k: results.get(k) for k in EFFICIENCY_KEYS}, backbone=results["backbone"],
         protocol=results.get("protocol") or "test", device=results.get("device") or "",
-        finished_at=results.get("finished_at") or "", path=path)
+        finished_at=results.get("finished_at") or "", path=path, **provenance_of(results))
+
+
+def provenance_of(results: dict[str, Any]) -> dict[str, Any]:
+    """The `Run` fields saying where a record's hyper-parameters and data came from."""
+    config = results.get("config") or {}
+    hparams = results.get("hparams") or config.get("hparams") or {}
+    data = results.get("data") or {}
+    return {"selection": hparams.get("name") if isinstance(hparams, dict) else None,
+            "data_source": data.get("source") or "unknown", "data_hash": data.get("hash"),
+            "eval_every": (config.get("train") or {}).get("eval_every")}
 
 
 def find_results(root: str | Path) -> list[Path]:
@@ -194,7 +210,7 @@ def deduplicate(runs: list[Run]) -> list[Run]:
     same cell of a sweep)."""
     latest: dict[tuple, Run] = {}
     for run in sorted(runs, key=lambda r: r.finished_at):
-        latest[(run.backbone, run.protocol, run.method.key, run.task, run.seed)] = run
+        latest[(run.backbone, run.protocol, run.selection, run.method.key, run.task, run.seed)] = run
     if len(latest) < len(runs):
         log.info("%d duplicate runs (same method, task and seed) ignored; the latest of each is used",
                  len(runs) - len(latest))
