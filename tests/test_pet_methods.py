@@ -20,7 +20,8 @@ from fpet.vit import TokenViT
 from test_vit import PairMerge
 
 TABLE_PETS = ["lora", "adaptformer", "repadapter", "bi_lora", "bi_adaptformer", "full", "linear"]
-COMPARISON_PETS = ["bitfit", "ln_tune"]
+COMPARISON_PETS = ["bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "ssf", "fact_tt", "fact_tk", "dora", "adapter_plus",
+                   "convpass"]
 """The comparison methods (tests/test_pet_comparison.py checks their train rules and counts)."""
 PETS = [*TABLE_PETS, *COMPARISON_PETS]
 HEAD = {"vit.head.weight", "vit.head.bias"}

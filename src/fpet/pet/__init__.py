@@ -7,16 +7,22 @@ from omegaconf import DictConfig
 from torch import nn
 
 from fpet.errors import UserError
+from fpet.pet.adapter_plus import ADAPTER_PLUS
 from fpet.pet.adaptformer import ADAPTFORMER, AdaptFormerMLP
 from fpet.pet.base import BlockHook, Bottleneck, PETLayer, PETMethod
 from fpet.pet.baselines import FULL, LINEAR
 from fpet.pet.bi import BI_ADAPTFORMER, BI_LORA
 from fpet.pet.bitfit import BITFIT, LN_TUNE
+from fpet.pet.dora import DORA
+from fpet.pet.fact import FACT_TK, FACT_TT
 from fpet.pet.binary import BinaryLinear, binarize
+from fpet.pet.convpass import CONVPASS
 from fpet.pet.inject import attach_to_blocks, head_module, replace_modules, set_trainable
 from fpet.pet.lora import LORA, LoRAQKV
 from fpet.pet.reparam import ReparamReport, inference_model, reparameterize
 from fpet.pet.repadapter import REPADAPTER, RepAdapterNorm
+from fpet.pet.ssf import SSF
+from fpet.pet.vpt import VPT_DEEP, VPT_SHALLOW
 
 PET_METHODS: dict[str, PETMethod] = {m.name: m for m in (
     LORA,
@@ -28,6 +34,14 @@ PET_METHODS: dict[str, PETMethod] = {m.name: m for m in (
     LINEAR,
     BITFIT,
     LN_TUNE,
+    VPT_SHALLOW,
+    VPT_DEEP,
+    SSF,
+    FACT_TT,
+    FACT_TK,
+    DORA,
+    ADAPTER_PLUS,
+    CONVPASS,
 )}
 """`pet=<name>` -> the method's record; one line per method."""
 

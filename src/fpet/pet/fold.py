@@ -5,6 +5,8 @@ Folding is exact in eval mode (dropout off); it is done in float64 and cast back
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -36,3 +38,14 @@ def linear_with(base: nn.Linear, weight: Tensor, bias: Tensor | None) -> nn.Line
     if bias is not None:
         out.bias.requires_grad_(w.requires_grad if base.bias is None else base.bias.requires_grad)
     return out
+
+
+def fold_layers(root: nn.Module, layer_type: type[nn.Module], fold: Callable[[nn.Module], nn.Module]) -> list[str]:
+    """Replace every submodule of `root` of type `layer_type` by `fold(module)` (a plain layer computing the same
+    function), in place; returns the replaced names. Shared by the folds that rewrite one wrapped layer at a time."""
+    names = [name for name, m in root.named_modules() if isinstance(m, layer_type)]
+    for name in names:
+        parent_name, _, attr = name.rpartition(".")
+        parent = root.get_submodule(parent_name) if parent_name else root
+        setattr(parent, attr, fold(getattr(parent, attr)))
+    return names
