@@ -293,3 +293,29 @@ def test_comparison_rows_sit_beside_the_papers_in_tables_1_and_2(tmp_path):
     gflops = t1.columns.index(next(c for c in t1.columns if "GFLOPs" in str(c)))
     paper = {r[0]: r[gflops] for r in t1.rows if r[1] == "paper"}
     assert paper["VPT-Deep"] == 18.5 and paper["FacT-TT"] == 17.8
+
+
+def test_table_presets_sweep_the_comparison_rows_into_their_own_run_dirs():
+    from test_presets import compose_cell, sweep_cells
+
+    cells = sweep_cells("table1", "pet=vpt_deep,bitfit,ssf,fact_tt", "merge=none", "dataset=dtd")
+    cfgs = [compose_cell("experiment=table1", *cell) for cell in cells]
+    assert sorted(c.pet.name for c in cfgs) == ["bitfit", "fact_tt", "ssf", "vpt_deep"]
+    assert len({c.hydra.sweep.subdir for c in cfgs}) == 4
+    assert {c.pet.name: c.pet.get("dim") for c in cfgs}["fact_tt"] == 8           # dtd's FacT-TT rank
+
+
+@pytest.mark.parametrize("pet", ["bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "ssf", "fact_tt", "fact_tk",
+                                 "adapter_plus", "dora", "convpass"])
+def test_task_file_holds_exactly_what_trains(make_cfg, pet):
+    model = build_model(make_cfg(f"pet={pet}"))
+    tensors = task_tensors(model, include_head=False)
+    assert sum(t.numel() for t in tensors.values()) == count_parameters(model)["params_pet"]
+    assert all(t.dtype == torch.float32 for t in tensors.values())
+
+
+def test_convpass_task_file_with_a_merge_skips_the_bypasses_that_cannot_act(make_cfg):
+    model = build_model(make_cfg("pet=convpass", "merge=fpet"))
+    names = [n for n in task_tensors(model, include_head=False) if "convpass" in n]
+    assert names and all(int(n.split(".")[2]) <= 6 for n in names)
+    assert not any(n.startswith("vit.blocks.6.convpass.mlp_bypass") for n in names)
