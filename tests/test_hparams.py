@@ -219,10 +219,10 @@ def test_search_select_final_runs_and_table_end_to_end(tmp_path):
 
     out = tmp_path / "out"
     search = ["python", "train.py", "-m", "experiment=tune", "pet=lora", "dataset=synthetic", *TINY,
-              "hydra.sweeper.params.optim.optimizer.weight_decay=1e-4", f"paths.output_dir={out}"]
+              "optim.optimizer.weight_decay=1e-4", f"paths.output_dir={out}"]
     _run(search, tmp_path)
     trials = sorted(p.parent.name for p in (out / "tune").rglob("results.json"))
-    assert trials == ["bs8_lr0.001_wd0.0001", "bs8_lr0.01_wd0.0001"]
+    assert trials == ["lr0.001_wd0.0001_scheduler_warmup_t0_bs8", "lr0.01_wd0.0001_scheduler_warmup_t0_bs8"]
     printed = _run(["python", "scripts/select_hparams.py", str(out / "tune"), "--out", str(tmp_path / "cfg"),
                     "--name", "e2e", "--seeds", "0"], tmp_path)
     command = printed.strip().splitlines()[-1]
@@ -247,5 +247,5 @@ def test_optuna_search_runs_budgeted_trials_as_ordinary_runs(tmp_path):
     _run(cmd, tmp_path)
     trials = sorted((out / "tune").rglob("results.json"))
     assert len(trials) == 2 and all(json.loads(t.read_text())["protocol"] == "val" for t in trials)
-    assert all(t.parent.name.startswith("bs8_lr") for t in trials)
+    assert all(t.parent.name.startswith("lr") and "_wd" in t.parent.name for t in trials)
     assert len(select(load_trials(out / "tune")[0]).choices) == 1
