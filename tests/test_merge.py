@@ -277,7 +277,7 @@ def test_odd_7x7_grid_works(make_cfg, merge, tokens):
     (["merge=fpet", "merge.layer=[2,6]"], r"checkerboard needs the full patch grid"),
     (["merge=avgpool", "merge.layer=null"], r"merge.layer=null: merge=avgpool merges at chosen blocks"),
     (["merge=avgpool", "merge.layer=[2,6]"], r"merge=avgpool sits at most at 1 block"),
-    (["merge=bsm", "merge.split=diagonal"], r"merge.split='diagonal': accepted \['stripe', 'checkerboard'\]"),
+    (["merge=bsm", "merge.split=diagonal"], r"merge.split='diagonal': accepted \['stripe', 'checkerboard', 'kth', 'random'\]"),
 ])
 def test_bad_merge_configs_are_clear_errors(make_cfg, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -316,7 +316,7 @@ def test_strategies_ask_only_for_the_statistics_they_use(make_cfg, images, monke
 
     asked = []
     real = fpet.vit.attention_stats
-    monkeypatch.setattr(fpet.vit, "attention_stats", lambda q, k, b, needs: asked.append(needs) or real(q, k, b, needs))
+    monkeypatch.setattr(fpet.vit, "attention_stats", lambda q, k, b, needs, *rest: asked.append(needs) or real(q, k, b, needs, *rest))
     for merge in ("avgpool", "fpet"):
         asked.clear()
         with torch.no_grad():

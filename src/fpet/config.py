@@ -27,13 +27,28 @@ def layer_tag(layer: Any, prefix: str = "") -> str:
     return prefix + "-".join(str(v) for v in values)
 
 
+def r_tag(r: Any) -> str:
+    """`merge.r` in a run directory name: `8` -> "8", ToMe's schedule `[16, -1]` -> "16i-1" (r, inflection)."""
+    if isinstance(r, (list, tuple, ListConfig)):
+        return "i".join(str(v) for v in r)
+    return str(r)
+
+
+def split_tag(split: Any, k: Any = None, prefix: str = "", default: Any = None) -> str:
+    """`merge.split` in a run directory name: "" when it is `default`, else `prefix` + the split (`kth3` names k)."""
+    if split == default:
+        return ""
+    return prefix + (f"kth{k}" if split == "kth" else str(split))
+
+
 def register_resolvers() -> None:
-    """Register `${fpet.num_gpus:N}`, `${fpet.layer_tag:...}`, `${fpet.search_tag:}` and `${fpet.hparam:KEY}`
-    (fpet.hparams) (idempotent); before any composition."""
+    """Register `${fpet.num_gpus:N}`, `${fpet.layer_tag:...}`, `${fpet.r_tag:...}`, `${fpet.split_tag:...}`,
+    `${fpet.search_tag:}` and `${fpet.hparam:KEY}` (fpet.hparams) (idempotent); before any composition."""
     from fpet.hparams import hparam_value, search_tag_resolver
 
-    for name, fn in (("fpet.num_gpus", num_gpus), ("fpet.layer_tag", layer_tag),
-                     ("fpet.search_tag", search_tag_resolver), ("fpet.hparam", hparam_value)):
+    for name, fn in (("fpet.num_gpus", num_gpus), ("fpet.layer_tag", layer_tag), ("fpet.r_tag", r_tag),
+                     ("fpet.split_tag", split_tag), ("fpet.search_tag", search_tag_resolver),
+                     ("fpet.hparam", hparam_value)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

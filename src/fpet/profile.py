@@ -19,11 +19,11 @@ from contextlib import nullcontext
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig
 from torch import Tensor, nn
 
 from fpet.pet.inject import head_module
+from fpet.vit import training_loss
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -82,6 +82,30 @@ def count_tokens_out(model: nn.Module, img_size: int, device: torch.device | str
         return int(model.forward_tokens(torch.zeros(1, 3, img_size, img_size, device=device)).x.shape[1])
     finally:
         model.train(was_training)
+
+
+@torch.no_grad()
+def kept_token_stats(model: nn.Module, loader: Any, device: torch.device,
+                     preprocess: Optional[Callable] = None) -> Optional[dict[str, Any]]:
+    """Tokens each image keeps after the last block, over `loader` (strategies whose count varies per image, e.g.
+    LTMP): mean, min, max, images, and the batch size it ran at (masked form; the same decisions as removal at
+    batch size 1). None for a model without such a strategy."""
+    merges = getattr(model, "merges", {})
+    if all(getattr(m, "static_tokens", True) for m in merges.values()):
+        return None
+    was_training = model.training
+    model.eval()
+    counts, batch = [], None
+    try:
+        for images, _ in loader:
+            images = images.to(device)
+            batch = batch or int(images.shape[0])
+            counts.append(model.forward_tokens(preprocess(images) if preprocess else images).kept_counts().cpu())
+    finally:
+        model.train(was_training)
+    kept = torch.cat(counts).float()
+    return {"mean": float(kept.mean()), "min": int(kept.min()), "max": int(kept.max()), "images": int(kept.numel()),
+            "batch": batch}
 
 
 def _synchronize(device: torch.device) -> None:
@@ -162,7 +186,7 @@ def _measure_steps(model: nn.Module, params: list[nn.Parameter], images: Tensor,
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
 
     def loss_fn() -> Tensor:
-        return F.cross_entropy(model(images), labels)
+        return training_loss(model, images, labels)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)

@@ -105,7 +105,7 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
     results.update({
         "run_id": run_id(cfg),
         "merge_layer": plain(cfg.merge.get("layer")),
-        "merge_r": cfg.merge.get("r"),
+        "merge_r": plain(cfg.merge.get("r")),
         "merge_split": cfg.merge.get("split"),
         "pet_dim": cfg.pet.get("dim"),
         "pet_scale": cfg.pet.get("scale"),

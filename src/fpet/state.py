@@ -11,6 +11,8 @@ One `TokenState` holds everything a block, a merge strategy or a PET hook may ne
   so a strategy can drop tokens softly while the batch keeps its shape;
 - `source [B, N, N0]`: which input tokens each token holds (only when tracking, for visualisation);
 - `grid`: the patch grid (rows, cols) of the input; `has_full_grid` says whether no patch was merged yet;
+- `trace`: per block so far, the effective token counts `(n_attention, n_mlp)` (batch means of `mask.sum` when
+  masked, else the sequence length), what FLOPs-budget losses read (LTMP's, `fpet.merge.flops`);
 - attention statistics of the block's attention, computed only when the layer's merge strategy declares it
   needs them (`TokenMerge.needs`): `keys [B, N, d]` (head-mean keys), `cls_attn [B, H, N]` (the class token's
   attention row, `softmax(q_cls k^T / sqrt(d) + log size)`), `attn_received [B, N]` (attention each token receives,
@@ -45,6 +47,7 @@ class TokenState:
     keys: Optional[Tensor] = None
     cls_attn: Optional[Tensor] = None
     attn_received: Optional[Tensor] = None
+    trace: tuple[tuple[Tensor | float, Tensor | float], ...] = ()
 
     def replace(self, **changes) -> "TokenState":
         """A copy with `changes`; attention statistics are dropped unless given (they describe the old tokens)."""
@@ -63,6 +66,23 @@ class TokenState:
     def has_full_grid(self) -> bool:
         """True while the sequence still holds every patch of the grid (nothing merged or dropped yet)."""
         return self.num_tokens == self.num_prefix + self.grid[0] * self.grid[1]
+
+    def effective_tokens(self) -> Tensor | float:
+        """Tokens that count for compute: the batch mean of `mask.sum` over tokens (soft masks count their weight),
+        or the sequence length when nothing is masked."""
+        if self.mask is None:
+            return float(self.num_tokens)
+        return self.mask.sum(dim=(1, 2)).mean()
+
+    def kept_counts(self) -> Tensor:
+        """Tokens each image keeps `[B]`: its unmasked tokens (mask > 0), or the sequence length."""
+        if self.mask is None:
+            return torch.full((self.x.shape[0],), self.num_tokens, device=self.x.device)
+        return (self.mask[..., 0] > 0).sum(dim=1)
+
+    def traced(self, n_attention: Tensor | float, n_mlp: Tensor | float) -> "TokenState":
+        """The same state with one more block in `trace`."""
+        return dataclasses.replace(self, trace=self.trace + ((n_attention, n_mlp),))
 
     def sizes(self) -> Tensor:
         """`size`, or ones `[B, N, 1]` before any merge."""

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -29,6 +28,7 @@ from fpet.errors import UserError
 from fpet.pipeline import Session, open_session
 from fpet.resume import RollingCheckpoint, TrainState
 from fpet.results import RunLogger, build_results, format_summary, write_json_atomic
+from fpet.vit import training_loss
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             break
         images, labels = to_device(batch, device, preprocess)
         with _autocast(device, amp):
-            loss = F.cross_entropy(model(images), labels)
+            loss = training_loss(model, images, labels)
         value = loss.item()  # the one host sync of the step
         if not math.isfinite(value):
             raise NonFiniteLossError(
@@ -88,6 +88,8 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        if hasattr(model, "constrain_parameters"):
+            model.constrain_parameters()
         total += value
         steps += 1
         bar.update(1)
@@ -176,7 +178,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         fit_out = fit(model, loaders, cfg, session.device, logger, run_dir, lambda m: session.inference()[0])
         if cfg.train.save_task:
             save_task(model, run_dir / "task.safetensors", session.task_info())
-        results = finish(session, fit_out, {}, saved=cfg.train.save_task)
+        results = finish(session, fit_out, kept_tokens_record(session, loaders), saved=cfg.train.save_task)
         write_json_atomic(run_dir / "results.json", results)
         if not cfg.train.get("keep_last_ckpt", False):
             fit_out["checkpoint"].path.unlink(missing_ok=True)
@@ -199,6 +201,14 @@ def finish(session: Session, fit_out: dict[str, Any], extra: dict[str, Any], sav
     return build_results(session.cfg, fit_out, efficiency, storage["storage_bytes"], session.device, extra)
 
 
+def kept_tokens_record(session: Session, loaders: Loaders) -> dict[str, Any]:
+    """`tokens_kept` (mean / min / max over the evaluation split) for strategies whose count varies per image."""
+    from fpet.profile import kept_token_stats
+
+    stats = kept_token_stats(session.inference()[0], loaders.eval, session.device, loaders.preprocess)
+    return {} if stats is None else {"tokens_kept": stats}
+
+
 def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]:
     """`eval_only=true checkpoint=PATH`: the backbone of the config plus a task file -> eval-split accuracy,
     profile, results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
@@ -209,7 +219,8 @@ def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]
     acc = evaluate(session.inference()[0], loaders.eval, session.device, cfg.train.amp, loaders.preprocess)
     fit_out = {"acc": acc, "acc_best": None, "evals": [{"epoch": None, "acc": acc}], "train_split": None,
                "eval_split": loaders.eval_split}
-    results = finish(session, fit_out, {"eval_only": True, "checkpoint": str(cfg.checkpoint)})
+    results = finish(session, fit_out, {"eval_only": True, "checkpoint": str(cfg.checkpoint),
+                                        **kept_tokens_record(session, loaders)})
     out = run_dir / "results.json"
     if out.exists() and not json.loads(out.read_text()).get("eval_only"):
         out = run_dir / "eval" / "results.json"  # never overwrite the training run's results

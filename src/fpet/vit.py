@@ -26,6 +26,8 @@ def attention_forward(attn: nn.Module, h: Tensor, state: TokenState, needs: froz
 
     qkv is computed once (a PET layer wrapping `qkv` adds its branch there); attention runs through
     `F.scaled_dot_product_attention` with `state.attention_bias` (`log(size) + log(mask)`) as the additive mask.
+    A mask that needs a gradient (LTMP's soft masks in training) takes the explicit path instead,
+    `masked_softmax`: the mask multiplies the exponentials, so its gradient is finite where it is 0 (log(0) is not).
     Returns `(out [B, N, C], stats)` where `stats` holds the statistics named in `needs` (see `fpet.state`):
     `keys [B, N, d]`, `cls_attn [B, H, N]` (exact, from the class token's query only: no N x N matrix) and
     `attn_received [B, N]` (materialises the attention matrix of this block only).
@@ -36,30 +38,67 @@ def attention_forward(attn: nn.Module, h: Tensor, state: TokenState, needs: froz
     gate = attn.gate(h).sigmoid() if getattr(attn, "gate", None) is not None else None
     q, k, v = attn.qkv(h).reshape(B, N, 3, heads, head_dim).permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, N, d]
     q, k = attn.q_norm(q), attn.k_norm(k)
-    bias = state.attention_bias(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                         dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    probs = None
+    if state.mask is not None and state.mask.requires_grad:
+        size_bias = None if state.size is None else state.size.log().to(q.dtype).transpose(1, 2).unsqueeze(1)
+        logits = (q * head_dim ** -0.5) @ k.mT + (0.0 if size_bias is None else size_bias)
+        probs = masked_softmax(logits, state.mask, attn.training)
+        bias = None  # the statistics are read from `probs`
+        out = attn.attn_drop(probs) @ v
+    else:
+        bias = state.attention_bias(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
     out = out.transpose(1, 2).reshape(B, N, attn_dim)
     out = getattr(attn, "norm", nn.Identity())(out)
     if gate is not None:
         out = out * gate
     out = attn.proj_drop(attn.proj(out))
-    return out, attention_stats(q, k, bias, needs)
+    return out, attention_stats(q, k, bias, needs, probs, state.mask)
 
 
-def attention_stats(q: Tensor, k: Tensor, bias: Optional[Tensor], needs: frozenset[str]) -> dict[str, Tensor]:
-    """The statistics in `needs` from queries and keys `[B, H, N, d]` and the additive bias `[B, 1, 1, N]`."""
+def masked_softmax(logits: Tensor, mask: Tensor, training: bool, eps: float = 1e-5) -> Tensor:
+    """Attention probabilities `[B, H, N, N]` with keys weighted by `mask [B, N, 1]`: `exp(l - max) * mask`,
+    normalised (LTMP's `softmax_with_mask`; in training `eps` keeps fully masked rows finite, as the official
+    code). Equals `softmax(l + log mask)` in value; its gradient reaches masked-out keys."""
+    weights = (logits - logits.amax(dim=-1, keepdim=True)).exp() * mask.to(logits.dtype).transpose(1, 2).unsqueeze(1)
+    if training:
+        return (weights + eps / logits.shape[-1]) / (weights.sum(dim=-1, keepdim=True) + eps)
+    return weights / weights.sum(dim=-1, keepdim=True)
+
+
+def attention_stats(q: Tensor, k: Tensor, bias: Optional[Tensor], needs: frozenset[str],
+                    probs: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> dict[str, Tensor]:
+    """The statistics in `needs` from queries and keys `[B, H, N, d]` and the additive bias `[B, 1, 1, N]` (or the
+    attention probabilities `[B, H, N, N]` when the explicit path computed them). With a token `mask [B, N, 1]`,
+    `attn_received` averages over the kept queries only (mask-weighted), so a masked sequence gives the values of
+    the same sequence with the masked tokens removed."""
     stats: dict[str, Tensor] = {}
     if "keys" in needs:
         stats["keys"] = k.mean(dim=1)
+    if probs is not None:
+        if "cls_attn" in needs:
+            stats["cls_attn"] = probs[:, :, 0]
+        if "attn_received" in needs:
+            stats["attn_received"] = _mean_over_queries(probs, mask)
+        return stats
     scale = q.shape[-1] ** -0.5
     if "cls_attn" in needs:
         logits = (q[:, :, :1] * scale) @ k.mT  # [B, H, 1, N]
         stats["cls_attn"] = (logits if bias is None else logits + bias).softmax(dim=-1).squeeze(2)
     if "attn_received" in needs:
         logits = (q * scale) @ k.mT  # [B, H, N, N]
-        stats["attn_received"] = (logits if bias is None else logits + bias).softmax(dim=-1).mean(dim=(1, 2))
+        stats["attn_received"] = _mean_over_queries((logits if bias is None else logits + bias).softmax(dim=-1), mask)
     return stats
+
+
+def _mean_over_queries(probs: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """`[B, H, N, N] -> [B, N]`: mean over heads and (mask-weighted) queries of the attention each key receives."""
+    per_query = probs.mean(dim=1)  # [B, N, N]
+    if mask is None:
+        return per_query.mean(dim=1)
+    weights = mask.detach().to(probs.dtype)  # [B, N, 1]
+    return (per_query * weights).sum(dim=1) / weights.sum(dim=1)
 
 
 def block_hooks(block: nn.Module) -> list[BlockHook]:
@@ -83,6 +122,7 @@ def block_forward(block: nn.Module, state: TokenState, merge: Optional[nn.Module
     hooks = block_hooks(block)
     for hook in hooks:
         state = hook.pre_block(state)
+    n_attention = state.effective_tokens()
     x = state.x
     h = block.norm1(x)
     out, stats = attention_forward(block.attn, h, state, merge.needs if merge is not None else frozenset())
@@ -91,6 +131,7 @@ def block_forward(block: nn.Module, state: TokenState, merge: Optional[nn.Module
     state = state.replace(x=x if extra is None else x + extra, **stats)
     if merge is not None:
         state = merge(state)
+    state = state.traced(n_attention, state.effective_tokens())
     x = state.x
     h = block.norm2(x)
     extra = _branches([hook.mlp_branch(x, h, state) for hook in hooks])
@@ -172,3 +213,26 @@ class TokenViT(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         """`[B, 3, H, W] -> logits [B, num_classes]`."""
         return self.forward_head(self.forward_tokens(images).x)
+
+    def constrain_parameters(self) -> None:
+        """After an optimiser step: let each merge module put its parameters back in range (LTMP's thresholds)."""
+        for merge in self.merges.values():
+            merge.constrain()
+
+
+def training_loss(model: nn.Module, images: Tensor, labels: Tensor) -> Tensor:
+    """The training objective: cross-entropy plus the auxiliary losses of the merge strategies (`aux_loss`, e.g.
+    LTMP's FLOPs budget), each strategy once, read from the final token state."""
+    if not isinstance(model, TokenViT):
+        return F.cross_entropy(model(images), labels)
+    state = model.forward_tokens(images)
+    loss = F.cross_entropy(model.forward_head(state.x), labels)
+    seen: set[type] = set()
+    for merge in model.merges.values():
+        if type(merge) in seen:
+            continue
+        seen.add(type(merge))
+        extra = merge.aux_loss(state)
+        if extra is not None:
+            loss = loss + extra
+    return loss

@@ -7,6 +7,7 @@ from fpet.merge.base import NoMerge, Reduce, TokenMerge, merge_wavg
 from fpet.merge.bipartite import (BSM, BipartiteSoftMatching, ToMe, bipartite_soft_matching, checkerboard_split,
                                   stripe_split)
 from fpet.merge.fpet import FPETMerge, bipartite_differentiable_matching
+from fpet.merge.ltmp import LTMP
 from fpet.merge.pool import AvgPool, MaxPool, NeighbourPool
 from fpet.merge.schedule import (Geometry, MergeConfigError, build_merges, geometry, merge_layers, merge_problems,
                                  strategy_class)
@@ -18,11 +19,12 @@ MERGE_STRATEGIES: dict[str, type[TokenMerge]] = {cls.name: cls for cls in (
     FPETMerge,
     AvgPool,
     MaxPool,
+    LTMP,
 )}
 """`merge=<name>` -> the strategy class; one line per strategy."""
 
 __all__ = [
-    "AvgPool", "BSM", "BipartiteSoftMatching", "FPETMerge", "Geometry", "MERGE_STRATEGIES", "MaxPool",
+    "AvgPool", "BSM", "LTMP", "BipartiteSoftMatching", "FPETMerge", "Geometry", "MERGE_STRATEGIES", "MaxPool",
     "MergeConfigError", "NeighbourPool", "NoMerge", "Reduce", "ToMe", "TokenMerge", "bipartite_differentiable_matching",
     "bipartite_soft_matching", "build_merges", "checkerboard_split", "geometry", "merge_layers", "merge_problems",
     "merge_wavg", "stripe_split", "strategy_class",

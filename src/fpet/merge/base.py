@@ -49,7 +49,8 @@ class TokenMerge(nn.Module):
         static_tokens: the number of tokens it leaves depends on the input's shape only, never on its values, so
             its inference graph is static (`fpet.export` exports it with a dynamic batch dimension). A strategy
             that keeps an input-dependent number of tokens (a learned threshold) sets False: it exports for
-            batch size 1 only, or not at all.
+            batch size 1 only, or not at all; runs then also report `tokens_kept` (mean / min / max over the
+            evaluation split) besides `tokens_out` (one image).
     """
 
     name: ClassVar[str] = ""
@@ -65,6 +66,12 @@ class TokenMerge(nn.Module):
         """The strategy for one block from `cfg.merge` (every key read from the config: its yaml holds the
         defaults) on a backbone of geometry `geo`."""
         raise NotImplementedError
+
+    @classmethod
+    def build(cls, cfg: DictConfig, geo: "Geometry", layers: list[int]) -> dict[int, "TokenMerge"]:
+        """The modules of the blocks `layers` (validated): one `from_config` each unless the strategy schedules
+        something across blocks (ToMe's `[r, inflection]`, DiffRate's per-block counts)."""
+        return {layer: cls.from_config(cfg, geo) for layer in layers}
 
     @classmethod
     def layers(cls, cfg: DictConfig, geo: "Geometry") -> tuple[list[int], list[str]]:
@@ -84,6 +91,14 @@ class TokenMerge(nn.Module):
     def hparams(self) -> dict:
         """The strategy's settings, for `repr`."""
         return {}
+
+    def aux_loss(self, state: TokenState) -> Optional[Tensor]:
+        """A term added to the training loss, from the final token state (its `trace`); called once per strategy
+        (on its first module). None: nothing to add."""
+        return None
+
+    def constrain(self) -> None:
+        """Called after each optimiser step (e.g. clamp learned thresholds into their range)."""
 
     def match(self, state: TokenState) -> Reduce:
         """Decide the groups of `state`'s tokens (prefix tokens pass through first)."""
@@ -107,6 +122,12 @@ class NoMerge(TokenMerge):
 
     name, label = "none", "w/o merging"
     needs = frozenset()
+
+    @classmethod
+    def build(cls, cfg: DictConfig, geo: "Geometry", layers: list[int]) -> dict[int, "TokenMerge"]:
+        """The modules of the blocks `layers` (validated): one `from_config` each unless the strategy schedules
+        something across blocks (ToMe's `[r, inflection]`, DiffRate's per-block counts)."""
+        return {layer: cls.from_config(cfg, geo) for layer in layers}
 
     @classmethod
     def layers(cls, cfg: DictConfig, geo: "Geometry") -> tuple[list[int], list[str]]:

@@ -91,7 +91,8 @@ class FPETMerge(TokenMerge):
 
     @classmethod
     def config_problems(cls, cfg: DictConfig, geo: Geometry, layers: list[int]) -> list[str]:
-        problems = split_problems(cfg.get("split"), geo, layers, min_b=2)  # top-2 needs two candidates
+        problems = split_problems(cfg.get("split"), geo, layers, min_b=2,  # top-2 needs two candidates
+                                  accepted=("stripe", "checkerboard"))
         if cfg.get("r") is not None:
             problems.append(f"merge.r={cfg.r!r}: merge=fpet merges every token of set A (the split fixes how many); "
                             f"accepted null")

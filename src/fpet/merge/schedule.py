@@ -107,5 +107,4 @@ def merge_layers(cfg: DictConfig, geo: Geometry) -> list[int]:
 def build_merges(cfg: DictConfig, vit_or_geo: nn.Module | Geometry) -> dict[int, TokenMerge]:
     """The merge schedule of `cfg.merge`: block index -> its strategy module (one per block)."""
     geo = vit_or_geo if isinstance(vit_or_geo, Geometry) else geometry(vit_or_geo)
-    strategy = strategy_class(cfg.name)
-    return {layer: strategy.from_config(cfg, geo) for layer in merge_layers(cfg, geo)}
+    return strategy_class(cfg.name).build(cfg, geo, merge_layers(cfg, geo))
