@@ -23,22 +23,25 @@ register_resolvers()  # ${fpet.num_gpus:}, ${fpet.layer_tag:} in the configs
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> float | None:
+    # light imports only: a skipped run, `--help` and a bad override answer before torch and timm are imported
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from fpet.errors import UserError
-    from fpet.train import main as train_main
+    from fpet.errors import UserError, user_message
+    from fpet.launch import main as run_main
+    from fpet.validate import check_appended_keys
 
     try:
-        return train_main(cfg)["acc"]
-    except UserError as err:
-        if HydraConfig.get().mode != RunMode.RUN:
+        check_appended_keys(HydraConfig.get().overrides.task, cfg)
+        return run_main(cfg)["acc"]
+    except (UserError, KeyboardInterrupt) as err:
+        if HydraConfig.get().mode != RunMode.RUN or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise  # a sweep's launcher records the failed job with its traceback
         # a single run: the message says what is wrong and how to fix it; the traceback adds nothing
-        # (HYDRA_FULL_ERROR=1 still shows it)
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
-            raise
-        raise SystemExit(f"error: {type(err).__name__}: {err}") from None
+        if isinstance(err, KeyboardInterrupt):
+            print(f"\n{err}", file=sys.stderr)
+            raise SystemExit(130) from None
+        raise SystemExit(f"error: {type(err).__name__}: {user_message(err)}") from None
 
 
 if __name__ == "__main__":

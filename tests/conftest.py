@@ -16,7 +16,9 @@ os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
-from fpet.config import compose_config  # noqa: E402
+from fpet.config import compose_config, register_resolvers  # noqa: E402
+
+register_resolvers()  # ${fpet.*} in the configs, also for tests that compose with Hydra directly
 
 FAST = [
     "backbone=vit_micro", "logger=none", "train.progress=false", "train.epochs=1", "train.eval_every=1",

@@ -45,11 +45,13 @@ def _group(cfg: DictConfig, group: str) -> dict[str, Any]:
 
 
 def task_metadata(cfg: DictConfig, model: nn.Module) -> dict[str, Any]:
-    """What a task file belongs to: backbone, the PET and merge configs, class count (plus the task's name)."""
+    """What a task file belongs to: backbone, the PET and merge configs, class count (plus the task's name and the
+    epochs it trained, which an eval_only run records)."""
     vit = getattr(model, "vit", model)
     return {"backbone": cfg.backbone.name, "arch": cfg.backbone.arch, "embed_dim": int(vit.embed_dim),
             "depth": len(vit.blocks), "img_size": int(cfg.backbone.img_size), "pet": _group(cfg, "pet"),
-            "merge": _group(cfg, "merge"), "num_classes": int(cfg.dataset.num_classes), "task": cfg.dataset.name}
+            "merge": _group(cfg, "merge"), "num_classes": int(cfg.dataset.num_classes), "task": cfg.dataset.name,
+            "epochs": int(cfg.train.epochs)}
 
 
 def _file_metadata(info: Optional[dict[str, Any]]) -> dict[str, str]:

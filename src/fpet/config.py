@@ -41,14 +41,21 @@ def split_tag(split: Any, k: Any = None, prefix: str = "", default: Any = None) 
     return prefix + (f"kth{k}" if split == "kth" else str(split))
 
 
+def eval_subdir(eval_only: Any) -> str:
+    """`/eval` for an `eval_only=true` run (its folder inside the training run's), else "" (the
+    `${fpet.eval_subdir:${eval_only}}` resolver of configs/hydra/default.yaml)."""
+    return "/eval" if eval_only else ""
+
+
 def register_resolvers() -> None:
     """Register `${fpet.num_gpus:N}`, `${fpet.layer_tag:...}`, `${fpet.r_tag:...}`, `${fpet.split_tag:...}`,
-    `${fpet.search_tag:}` and `${fpet.hparam:KEY}` (fpet.hparams) (idempotent); before any composition."""
+    `${fpet.search_tag:}`, `${fpet.hparam:KEY}` (fpet.hparams) and `${fpet.eval_subdir:...}` (idempotent); before
+    any composition."""
     from fpet.hparams import hparam_value, search_tag_resolver
 
     for name, fn in (("fpet.num_gpus", num_gpus), ("fpet.layer_tag", layer_tag), ("fpet.r_tag", r_tag),
                      ("fpet.split_tag", split_tag), ("fpet.search_tag", search_tag_resolver),
-                     ("fpet.hparam", hparam_value)):
+                     ("fpet.hparam", hparam_value), ("fpet.eval_subdir", eval_subdir)):
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -9,3 +9,13 @@ from __future__ import annotations
 
 class UserError(Exception):
     """Bad input that the user can fix; the message names the key or file, the bad value and the fix."""
+
+
+def user_message(err: BaseException) -> str:
+    """`err`'s message; for an error a DataLoader worker raised (re-raised with the worker's traceback in the
+    message), only the original message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        marker = f"{type(err).__module__}.{type(err).__qualname__}: "
+        text = text[text.rfind(marker) + len(marker):] if marker in text else text.rstrip().splitlines()[-1]
+    return text.strip()

@@ -144,7 +144,10 @@ def session_from_overrides(overrides: Sequence[str], random_init: bool = True, c
     entry (random init and no data files by default)."""
     from fpet.config import compose_config
 
+    from fpet.validate import check_appended_keys
+
     cfg = compose_config([*(RANDOM_INIT if random_init else ()), *overrides])
+    check_appended_keys(list(overrides), cfg)
     session = open_session(cfg, check_files=check_files)
     session.build()
     return session
@@ -155,7 +158,7 @@ def script_main(main: Any) -> None:
     and exit status 1, no traceback (`HYDRA_FULL_ERROR=1` shows it), as train.py does."""
     import sys
 
-    from fpet.errors import UserError
+    from fpet.errors import UserError, user_message
 
     torch.set_grad_enabled(True)
     try:
@@ -163,4 +166,4 @@ def script_main(main: Any) -> None:
     except UserError as err:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        sys.exit(f"error: {type(err).__name__}: {err}")
+        sys.exit(f"error: {type(err).__name__}: {user_message(err)}")

@@ -6,13 +6,15 @@ import logging
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from fpet.fileio import atomic_open, write_text_atomic
 from fpet.identity import run_id
+
+if TYPE_CHECKING:  # torch is imported where it is used: skipping a finished run needs none of it
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +68,8 @@ def load_complete_results(run_dir: str | Path) -> Optional[dict[str, Any]]:
 
 def describe_device(device: torch.device) -> str:
     """Human-readable hardware name, e.g. 'NVIDIA H200' or 'cpu: AMD EPYC 7763 (2 threads)'."""
+    import torch
+
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     name = platform.processor() or platform.machine()
@@ -84,6 +88,7 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
     """The results record of one run: the contract keys first, then details (and `extra`) and the resolved
     config."""
     import timm
+    import torch
 
     from fpet import __version__
 

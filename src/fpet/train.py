@@ -8,7 +8,6 @@ periodic one (the official code's protocol).
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -215,41 +214,19 @@ def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]
     cfg, run_dir = session.cfg, Path(run_dir)
     loaders = build_loaders(cfg)
     model = session.build()
-    load_task(model, cfg.checkpoint, session.task_info())
+    info = load_task(model, cfg.checkpoint, session.task_info())
     acc = evaluate(session.inference()[0], loaders.eval, session.device, cfg.train.amp, loaders.preprocess)
     fit_out = {"acc": acc, "acc_best": None, "evals": [{"epoch": None, "acc": acc}], "train_split": None,
                "eval_split": loaders.eval_split}
+    # epochs: what the task file trained (recorded since it has them), not the config's train.epochs
     results = finish(session, fit_out, {"eval_only": True, "checkpoint": str(cfg.checkpoint),
-                                        **kept_tokens_record(session, loaders)})
-    out = run_dir / "results.json"
-    if out.exists() and not json.loads(out.read_text()).get("eval_only"):
-        out = run_dir / "eval" / "results.json"  # never overwrite the training run's results
+                                        "epochs": info.get("epochs"), **kept_tokens_record(session, loaders)})
+    from fpet.launch import eval_output_dir
+
+    out = eval_output_dir(run_dir) / "results.json"  # never overwrites the training run's results
     write_json_atomic(out, results)
     print(format_summary(results, out.parent), flush=True)
     return results
 
 
-def main(cfg: DictConfig, run_dir: Optional[str | Path] = None) -> dict[str, Any]:
-    """Entry point used by `train.py`: the Hydra run dir unless one is given.
-
-    A run dir that already holds a finished run of the same config is not trained again (`train.skip_finished`,
-    default true): its stored results are returned, so a re-launched sweep resumes where it stopped. In a multirun
-    on a machine with several GPUs, `device=auto` gives each run a GPU of its own (fpet.sweep.claim_device).
-    """
-    from fpet.hparams import check_hparams
-    from fpet.sweep import claim_device, finished_results
-
-    check_hparams(cfg)  # +hparams=<name> without an entry for this task and method stops here, with the fix
-    if run_dir is None:
-        from hydra.core.hydra_config import HydraConfig
-
-        run_dir = HydraConfig.get().runtime.output_dir
-    if cfg.train.get("skip_finished", True) and not cfg.get("eval_only", False):
-        done = finished_results(cfg, run_dir)
-        if done is not None:
-            log.info("skipping finished run: %s (train.skip_finished=false trains it again)",
-                     Path(run_dir) / "results.json")
-            return done
-    with claim_device(cfg) as device:
-        cfg.device = device
-        return run(cfg, run_dir)
+from fpet.launch import main  # noqa: E402,F401  (train.py's entry: skip / refuse / record around `run`)

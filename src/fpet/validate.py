@@ -84,5 +84,49 @@ def validate_config(cfg: DictConfig, check_files: bool = True) -> None:
     problems = recipe_problems(cfg) + dataset_problems(cfg) + model_problems(cfg)
     if check_files:
         problems += file_problems(cfg)
+    raise_problems(problems)
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raise one `ConfigError` listing every problem (nothing when the list is empty)."""
     if problems:
         raise ConfigError("invalid config (nothing was run):\n  - " + "\n  - ".join(problems))
+
+
+APPENDABLE = ("backbone.kwargs.", "pet.", "merge.", "hydra.")
+"""Where `+key=value` may add a key the config does not have: timm's model kwargs, a PET method's or merge
+strategy's own keys (an extension without its config file), Hydra's settings. Appending a config group
+(`+ablation=fpet`) or a key of `APPENDABLE_KEYS` is always accepted; any other appended key is a typo Hydra would
+silently add."""
+APPENDABLE_KEYS = ("hparams",)
+"""Top-level keys meant to be added with `+` (`+hparams=<name>`, fpet.hparams)."""
+
+
+def appended_key_problems(overrides: list[str] | tuple[str, ...], cfg: DictConfig) -> list[str]:
+    """`+key=value` overrides outside `APPENDABLE` and the config groups, each with the nearest existing key."""
+    import difflib
+
+    from fpet.config import CONFIG_DIR
+    from fpet.identity import flatten
+    from omegaconf import OmegaConf
+
+    known = [k for k in flatten(OmegaConf.to_container(cfg, resolve=False)) if not k.startswith("hydra.")]
+    problems = []
+    for override in overrides:
+        if not override.startswith("+") or override.startswith("++") or "=" not in override:
+            continue  # `++key=value` (add or override) is taken as meant
+        key = override[1:].split("=", 1)[0].split("@", 1)[0]
+        if (CONFIG_DIR / key).is_dir() or key.startswith(APPENDABLE) or key in APPENDABLE_KEYS:
+            continue
+        others = [k for k in known if k != key and not k.startswith(key + ".")]
+        near = difflib.get_close_matches(key, others, n=1, cutoff=0.6)
+        hint = f"did you mean {near[0]}={override.split('=', 1)[1]}?" if near else "no such key in the config"
+        places = ", ".join([*(p.rstrip(".") for p in APPENDABLE), *APPENDABLE_KEYS])
+        problems.append(f"{override}: adds the key {key!r}, which nothing reads ({hint}); `+` may add keys only "
+                        f"under {places} or select a config group")
+    return problems
+
+
+def check_appended_keys(overrides: list[str] | tuple[str, ...], cfg: DictConfig) -> None:
+    """Raise `ConfigError` for `+key=value` overrides that add a key nothing reads (`appended_key_problems`)."""
+    raise_problems(appended_key_problems(overrides, cfg))
