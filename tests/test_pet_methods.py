@@ -23,7 +23,10 @@ TABLE_PETS = ["lora", "adaptformer", "repadapter", "bi_lora", "bi_adaptformer", 
 COMPARISON_PETS = ["bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "ssf", "fact_tt", "fact_tk", "dora", "adapter_plus",
                    "convpass"]
 """The comparison methods (tests/test_pet_comparison.py checks their train rules and counts)."""
-PETS = [*TABLE_PETS, *COMPARISON_PETS]
+SELECTING_PETS = ["trpts", "gps"]
+SELECTING = set(SELECTING_PETS)  # score their weights on data: one scoring batch in tests
+SCORING = ["pet.batches=1", "pet.batch_size=4"]
+PETS = [*TABLE_PETS, *COMPARISON_PETS, *SELECTING_PETS]
 HEAD = {"vit.head.weight", "vit.head.bias"}
 
 
@@ -43,6 +46,10 @@ def expected_trainable(pet: str, model: nn.Module) -> set[str]:
     per_block["bi_lora"], per_block["bi_adaptformer"] = per_block["lora"], per_block["adaptformer"]
     if pet == "full":
         return {n for n, _ in model.named_parameters()}
+    if pet in SELECTING:
+        layers = ["patch_embed.proj"] + [f"blocks.{i}.{m}" for i in range(depth)
+                                         for m in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")]
+        return HEAD | {f"vit.{n}.{p}" for n in layers for p in ("entries", "base_layer.bias")}
     return HEAD | {f"vit.blocks.{i}.{name}" for i in range(depth) for name in per_block[pet]}
 
 
@@ -53,11 +60,11 @@ def test_registry_has_every_method_and_a_config_each():
 
 @pytest.mark.parametrize("pet", TABLE_PETS)
 def test_trainable_set_is_exactly_as_specified(make_cfg, pet):
-    model = build_model(make_cfg(f"pet={pet}"))
+    model = build_model(make_cfg(f"pet={pet}", *(SCORING if pet in SELECTING else [])))
     assert trainable_names(model) == expected_trainable(pet, model)
     frozen_pet = [n for m in model.modules() if isinstance(m, PETLayer) for n, p in m.named_parameters()
                   if n.startswith("base_layer.") and p.requires_grad]
-    assert not frozen_pet
+    assert not frozen_pet or (pet in SELECTING and all(n == "base_layer.bias" for n in frozen_pet))  # GPS: biases
 
 
 @pytest.fixture(scope="module")
@@ -154,7 +161,10 @@ def test_every_pet_and_merge_builds_and_trains_one_step(make_cfg, images, pet, m
         model = TokenViT(built.vit, {6: PairMerge()}, pet_method=built.pet_method)
         set_trainable(model, cfg.pet.trainable)
     else:  # every registered strategy, by its config
-        cfg = make_cfg(f"pet={pet}", f"merge={merge}")
+        extra = SCORING if pet in SELECTING else []
+        if merge == "trpts" and pet not in SELECTING:  # sparse insertion needs a selecting method: explicit blocks
+            extra = ["merge.layer=[3,6,9]"]
+        cfg = make_cfg(f"pet={pet}", f"merge={merge}", *extra)
         model = build_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     assert torch.isfinite(torch.tensor(one_step(model.train(), images)))

@@ -3,6 +3,8 @@ same steps on the meta device (no memory, no weights), so every rule the builder
 work by the code that enforces it."""
 from __future__ import annotations
 
+from typing import Optional
+
 import timm
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -12,21 +14,27 @@ from fpet.backbone import create_backbone
 from fpet.merge import build_merges, geometry, merge_problems
 from fpet.pet import pet_method, set_trainable
 from fpet.pet.inject import TRAINABLE_MODES
+from fpet.select import ScoringInput
 from fpet.vit import TokenViT
 
 
-def build_model(cfg: DictConfig) -> TokenViT:
+def build_model(cfg: DictConfig, scoring: Optional[ScoringInput] = None) -> TokenViT:
     """The complete model for a composed train config; `cfg.dataset.num_classes` sizes the head.
 
     The timm `VisionTransformer` is `model.vit`; the PET method (its record: `model.pet_method`) is injected into it;
-    merge strategies sit in `model.merges` keyed by block index; only what the method trains, the head and the
-    merge parameters require grad (`pet.trainable` = all | head changes that for full fine-tuning and linear
-    probing).
+    a method that selects weights from data (its record's `select`: TR-PTS, GPS) scores them on the training split
+    next, on `scoring.device` (default: CPU, no cache), and the model stays on that device; then the merge
+    strategies are placed in `model.merges` keyed by block index (TR-PTS's sparse insertion reads the selection);
+    only what the method trains, the head and the merge parameters require grad (`pet.trainable` = all | head
+    changes that for full fine-tuning and linear probing).
     """
     method = pet_method(cfg.pet.name)
     vit, pre_logits = create_backbone(cfg.backbone, num_classes=cfg.dataset.num_classes)
     method.inject(vit, cfg.pet)
-    model = TokenViT(vit, build_merges(cfg.merge, vit), pre_logits=pre_logits, pet_method=method)
+    model = TokenViT(vit, pre_logits=pre_logits, pet_method=method)
+    if method.select is not None:
+        method.select(model, cfg, scoring if scoring is not None else ScoringInput())
+    model.place_merges(build_merges(cfg.merge, vit))
     set_trainable(model, cfg.pet.get("trainable", "pet"))
     return model
 
@@ -45,8 +53,9 @@ def model_problems(cfg: DictConfig) -> list[str]:
     except Exception as err:  # unknown timm arch or bad kwargs
         return [f"backbone.arch={cfg.backbone.get('arch')!r} with kwargs {dict(cfg.backbone.get('kwargs') or {})}: "
                 f"timm cannot build it ({type(err).__name__}: {err})"]
+    problems = pet_problems(cfg.pet, vit)  # injects the method into `vit`: the merge rules see it
     geo = geometry(vit)
-    problems = pet_problems(cfg.pet, vit) + merge_problems(cfg.merge, geo)
+    problems += merge_problems(cfg.merge, geo)
     if not problems:
         try:
             with torch.device("meta"):

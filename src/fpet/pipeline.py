@@ -11,6 +11,7 @@ import logging
 import os
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -68,11 +69,19 @@ class Session:
     model: Optional[TokenViT] = None
     _inference: Optional[tuple[nn.Module, Any]] = field(default=None, repr=False)
 
-    def build(self) -> TokenViT:
-        """The model of the config (`fpet.model.build_model`) on the session's device."""
-        from fpet.model import build_model
+    def build(self, score_cache: Optional[str | Path] = None, task_file: Optional[str | Path] = None) -> TokenViT:
+        """The model of the config (`fpet.model.build_model`) on the session's device.
 
-        self.model = build_model(self.cfg).to(self.device)
+        A PET method that selects weights from data scores them there; `score_cache` is the run's score file
+        (reused when present), `task_file` a task file whose selection is adopted instead of scoring.
+        """
+        from fpet.model import build_model
+        from fpet.select import ScoringInput
+
+        scoring = ScoringInput(self.device, None if score_cache is None else Path(score_cache),
+                               None if task_file is None else Path(task_file),
+                               progress=bool(self.cfg.train.get("progress", False)))
+        self.model = build_model(self.cfg, scoring).to(self.device)
         self._inference = None
         return self.model
 

@@ -24,9 +24,11 @@ from tqdm.auto import tqdm
 from fpet.checkpoint import load_task, save_task
 from fpet.data import Loaders, build_loaders
 from fpet.errors import UserError
+from fpet.merge import set_train_progress
 from fpet.pipeline import Session, open_session
 from fpet.resume import RollingCheckpoint, TrainState
 from fpet.results import RunLogger, build_results, format_summary, write_json_atomic
+from fpet.select import CACHE_NAME
 from fpet.vit import training_loss
 
 log = logging.getLogger(__name__)
@@ -72,9 +74,11 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     """
     model.train()
     total, steps = 0.0, 0
+    per_epoch = min(len(loader), limit_batches) if limit_batches is not None else len(loader)
     for batch in loader:
         if limit_batches is not None and steps >= limit_batches:
             break
+        set_train_progress(model, epoch, steps, per_epoch)  # training schedules of merge strategies (EViT)
         images, labels = to_device(batch, device, preprocess)
         with _autocast(device, amp):
             loss = training_loss(model, images, labels)
@@ -168,7 +172,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         return evaluate_checkpoint(session, run_dir)
     run_dir = Path(run_dir)
     loaders = build_loaders(cfg)
-    model = session.build()
+    model = session.build(score_cache=run_dir / CACHE_NAME)
     log.info("run dir %s | %s on %s | %d trainable parameters", run_dir, cfg.backbone.name, session.device,
              sum(p.numel() for p in model.parameters() if p.requires_grad))
     logger = RunLogger(cfg, run_dir)
@@ -213,7 +217,7 @@ def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]
     profile, results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
     cfg, run_dir = session.cfg, Path(run_dir)
     loaders = build_loaders(cfg)
-    model = session.build()
+    model = session.build(task_file=cfg.checkpoint)
     info = load_task(model, cfg.checkpoint, session.task_info())
     acc = evaluate(session.inference()[0], loaders.eval, session.device, cfg.train.amp, loaders.preprocess)
     fit_out = {"acc": acc, "acc_best": None, "evals": [{"epoch": None, "acc": acc}], "train_split": None,

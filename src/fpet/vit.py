@@ -157,13 +157,18 @@ class TokenViT(nn.Module):
                  pre_logits: Optional[nn.Module] = None, pet_method: Optional[object] = None) -> None:
         super().__init__()
         self.vit = vit
-        self.merges = nn.ModuleDict({str(i): m for i, m in sorted((merges or {}).items())})
         self.pre_logits = pre_logits if pre_logits is not None else nn.Identity()
         self.pet_method = pet_method
-        depth = len(vit.blocks)
-        bad = [i for i in (int(k) for k in self.merges) if not 0 <= i < depth]
+        self.place_merges(merges or {})
+
+    def place_merges(self, merges: Mapping[int, nn.Module]) -> None:
+        """Set the merge schedule (block index -> strategy), replacing any earlier one (a PET method that selects
+        weights from data places its merges after the selection: `fpet.model.build_model`)."""
+        depth = len(self.vit.blocks)
+        bad = [i for i in merges if not 0 <= int(i) < depth]
         if bad:
             raise ValueError(f"merge layer(s) {bad} outside the model's blocks 0..{depth - 1}")
+        self.merges = nn.ModuleDict({str(i): m for i, m in sorted(merges.items())})
 
     @property
     def num_prefix_tokens(self) -> int:

@@ -92,6 +92,11 @@ class TokenMerge(nn.Module):
         """The strategy's settings, for `repr`."""
         return {}
 
+    def train_progress(self, epoch: int, iteration: int, iters_per_epoch: int) -> None:
+        """Called by the training loop before every step (`set_train_progress`): a strategy with a training
+        schedule (EViT's keep-rate warm-up) sets its value for the step from the progress; `iteration` counts
+        steps from the first epoch. Evaluation never depends on it. Default: nothing."""
+
     def aux_loss(self, state: TokenState) -> Optional[Tensor]:
         """A term added to the training loss, from the final token state (its `trace`); called once per strategy
         (on its first module). None: nothing to add."""
@@ -115,6 +120,13 @@ class TokenMerge(nn.Module):
         mask = None if state.mask is None else reduce(state.mask * size, "sum") / new_size
         source = None if state.source is None else reduce(state.source, "sum")
         return state.replace(x=x, size=new_size, mask=mask, source=source)
+
+
+def set_train_progress(model: nn.Module, epoch: int, step: int, steps_per_epoch: int) -> None:
+    """Tell every merge strategy of `model` where training is: step `step` of epoch `epoch` (both from 0)."""
+    for module in model.modules():
+        if isinstance(module, TokenMerge):
+            module.train_progress(epoch, epoch * steps_per_epoch + step, steps_per_epoch)
 
 
 class NoMerge(TokenMerge):

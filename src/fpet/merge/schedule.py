@@ -25,6 +25,9 @@ class Geometry(NamedTuple):
     head_dim: int
     num_heads: int = 1
     embed_dim: int = 0
+    sparse_order: Optional[tuple[int, ...]] = None
+    """Blocks from the fewest selected weight entries up, where the PET method selects weights (TR-PTS, GPS:
+    `fpet.select.sparse_block_order`; all zero before the selection); None otherwise."""
 
     @property
     def num_patches(self) -> int:
@@ -33,11 +36,13 @@ class Geometry(NamedTuple):
 
 def geometry(vit: nn.Module) -> Geometry:
     """Blocks, patch grid, prefix tokens (class, distillation), head width and count, width of a timm ViT (also one
-    built on the meta device)."""
+    built on the meta device), and the blocks by selected weights where the PET method selects them."""
+    from fpet.select import sparse_block_order
+
     grid = tuple(int(g) for g in vit.patch_embed.grid_size)
     attn = vit.blocks[0].attn
     return Geometry(len(vit.blocks), grid, int(getattr(vit, "num_prefix_tokens", 1)), int(attn.head_dim),
-                    int(attn.num_heads), int(vit.embed_dim))
+                    int(attn.num_heads), int(vit.embed_dim), sparse_block_order(vit))
 
 
 class MergeConfigError(UserError, ValueError):

@@ -21,6 +21,7 @@ from fpet.pet.inject import attach_to_blocks, head_module, replace_modules, set_
 from fpet.pet.lora import LORA, LoRAQKV
 from fpet.pet.reparam import ReparamReport, inference_model, reparameterize
 from fpet.pet.repadapter import REPADAPTER, RepAdapterNorm
+from fpet.pet.sparse import GPS, TRPTS, SparseTuned
 from fpet.pet.ssf import SSF
 from fpet.pet.vpt import VPT_DEEP, VPT_SHALLOW
 
@@ -42,6 +43,8 @@ PET_METHODS: dict[str, PETMethod] = {m.name: m for m in (
     DORA,
     ADAPTER_PLUS,
     CONVPASS,
+    TRPTS,
+    GPS,
 )}
 """`pet=<name>` -> the method's record; one line per method."""
 
@@ -64,6 +67,6 @@ def inject_pet(vit: nn.Module, cfg: DictConfig) -> list[str]:
 
 __all__ = [
     "AdaptFormerMLP", "BinaryLinear", "BlockHook", "Bottleneck", "LoRAQKV", "PETLayer", "PETMethod", "PET_METHODS",
-    "RepAdapterNorm", "ReparamReport", "attach_to_blocks", "binarize", "head_module", "inference_model", "inject_pet",
+    "RepAdapterNorm", "ReparamReport", "SparseTuned", "attach_to_blocks", "binarize", "head_module", "inference_model", "inject_pet",
     "pet_method", "replace_modules", "reparameterize", "set_trainable",
 ]

@@ -11,7 +11,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -136,6 +136,10 @@ class PETMethod:
         pack / load: the task file's tensors of a model, and their inverse (default: trained parameters, 1-bit
             layers as packed bits; `fpet.pet.pack`).
         check: config problems the constructors cannot see; `validate` also runs `inject` on the meta device.
+        select: data-dependent set-up after injection, before the merges are placed (TR-PTS, GPS: score the
+            weights on the training split and choose the entries that train), `select(model, cfg, source)` with
+            the full config and a `fpet.select.ScoringInput` (device, score cache, or a task file to adopt the
+            selection from); returns a summary. None: nothing to select.
     """
 
     name: str
@@ -146,3 +150,4 @@ class PETMethod:
     pack: Optional[Callable[[nn.Module, bool], dict[str, Tensor]]] = None
     load: Optional[Callable[[nn.Module, dict[str, Tensor]], None]] = None
     check: Callable[[DictConfig], list[str]] = no_problems
+    select: Optional[Callable[[nn.Module, DictConfig, Any], dict]] = None
