@@ -19,6 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from fpet.precision import configure_precision
 from fpet.vit import TokenViT
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,7 @@ def open_session(cfg: DictConfig, check_files: bool = True) -> Session:
     for warning in config_warnings(cfg):
         log.warning(warning)
     configure_determinism(cfg)
+    configure_precision(str(cfg.train.get("precision", "fp32")))
     seed_everything(int(cfg.seed))
     return Session(cfg, resolve_device(cfg.device))
 

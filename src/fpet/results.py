@@ -115,6 +115,8 @@ def build_results(cfg: DictConfig, fit: dict[str, Any], efficiency: dict[str, An
         "pet_dim": cfg.pet.get("dim"),
         "pet_scale": cfg.pet.get("scale"),
         "normalize": cfg.dataset.get("normalize", "none"),
+        "precision": cfg.train.get("precision", "fp32"),
+        "compile": bool(cfg.train.get("compile", False)),
         "train_split": fit.get("train_split"),
         "eval_split": fit.get("eval_split"),
         "acc_protocols": {"acc": "final: after the last epoch",

@@ -12,13 +12,13 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import torch
+import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from fpet.checkpoint import load_task, save_task
@@ -26,6 +26,7 @@ from fpet.data import Loaders, build_loaders
 from fpet.errors import UserError
 from fpet.merge import set_train_progress
 from fpet.pipeline import Session, open_session
+from fpet.precision import autocast, compiled_forward
 from fpet.resume import RollingCheckpoint, TrainState
 from fpet.results import RunLogger, build_results, format_summary, write_json_atomic
 from fpet.select import CACHE_NAME
@@ -43,36 +44,39 @@ def to_device(batch: tuple[Tensor, Tensor], device: torch.device, preprocess: Op
 
 
 @torch.inference_mode()
-def evaluate(model: nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
-             preprocess: Optional[Callable] = None) -> float:
-    """Top-1 accuracy in % over `loader`."""
+def evaluate(model: nn.Module, loader: Iterable, device: torch.device, precision: str = "fp32",
+             preprocess: Optional[Callable] = None, forward: Optional[Callable] = None) -> float:
+    """Top-1 accuracy in % over `loader`, in inference mode under `precision`'s autocast.
+
+    The count of correct predictions stays on the device: one host sync per evaluation, not one per batch.
+    `forward` (default `model`) is what is called on a batch, e.g. the compiled forward (`train.compile`).
+    """
     model.eval()
-    correct = total = 0
+    forward = model if forward is None else forward
+    correct, total = torch.zeros((), dtype=torch.long, device=device), 0
     for batch in loader:
         images, labels = to_device(batch, device, preprocess)
-        with _autocast(device, amp):
-            logits = model(images)
-        correct += (logits.argmax(dim=-1) == labels).sum().item()
-        total += labels.numel()
-    return 100.0 * correct / max(total, 1)
-
-
-def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda")
+        with autocast(device, precision):
+            logits = forward(images)
+        correct += (logits.argmax(dim=-1) == labels).sum()
+        total += labels.shape[0]
+    return 100.0 * correct.item() / max(total, 1)
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
     """The loss became NaN or infinite; the run stops and keeps its last good rolling checkpoint."""
 
 
-def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim.Optimizer, device: torch.device,
-                    bar: tqdm, epoch: int, amp: bool = False, limit_batches: Optional[int] = None,
-                    preprocess: Optional[Callable] = None) -> float:
-    """One pass over `loader` (at most `limit_batches` batches); returns the mean loss.
+def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
+                    bar: tqdm, epoch: int, precision: str = "fp32", limit_batches: Optional[int] = None,
+                    preprocess: Optional[Callable] = None, forward: Optional[Callable] = None) -> float:
+    """One pass over `loader` (at most `limit_batches` batches) under `precision`'s autocast; returns the mean loss.
+    `forward` (default `model`) is what is called on a batch, e.g. the compiled forward (`train.compile`).
 
     Raises `NonFiniteLossError` (naming epoch, step and lr) before a non-finite loss can reach the weights.
     """
     model.train()
+    forward = model if forward is None else forward
     total, steps = 0.0, 0
     per_epoch = min(len(loader), limit_batches) if limit_batches is not None else len(loader)
     for batch in loader:
@@ -80,8 +84,10 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
             break
         set_train_progress(model, epoch, steps, per_epoch)  # training schedules of merge strategies (EViT)
         images, labels = to_device(batch, device, preprocess)
-        with _autocast(device, amp):
-            loss = training_loss(model, images, labels)
+        with autocast(device, precision):
+            # the compiled forward gives logits only (train.compile): strategies' aux losses need the eager state
+            loss = (training_loss(model, images, labels) if forward is model
+                    else F.cross_entropy(forward(images).float(), labels))
         value = loss.item()  # the one host sync of the step
         if not math.isfinite(value):
             raise NonFiniteLossError(
@@ -100,11 +106,35 @@ def train_one_epoch(model: nn.Module, loader: DataLoader, optimizer: torch.optim
     return total / max(steps, 1)
 
 
+def fused_kwargs(factory: Callable, params: list[nn.Parameter]) -> dict[str, Any]:
+    """`{"fused": True}` when every parameter is a CUDA float tensor and the optimizer takes `fused` (AdamW): one
+    kernel for the whole update instead of one per parameter tensor. Empty otherwise (the CPU keeps the default
+    implementation, so CPU runs repeat their numbers exactly)."""
+    import inspect
+
+    target = getattr(factory, "func", factory)
+    try:
+        accepts = "fused" in inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        accepts = False
+    on_cuda = bool(params) and all(p.is_cuda and p.is_floating_point() for p in params)
+    return {"fused": True} if accepts and on_cuda else {}
+
+
 def build_optimization(cfg: DictConfig, model: nn.Module) -> tuple[torch.optim.Optimizer, Any]:
-    """AdamW over the trainable parameters and the epoch-stepped cosine schedule, from `cfg.optim`."""
+    """AdamW over the trainable parameters (fused on CUDA) and the epoch-stepped cosine schedule, from
+    `cfg.optim`."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = instantiate(cfg.optim.optimizer)(params=params)
+    factory = instantiate(cfg.optim.optimizer)
+    optimizer = factory(params=params, **fused_kwargs(factory, params))
     return optimizer, instantiate(cfg.optim.scheduler)(optimizer=optimizer)
+
+
+def _keep_fused(optimizer: torch.optim.Optimizer, fused: Optional[bool]) -> None:
+    """A restored optimizer state carries the `fused` flag of the machine that wrote it; keep this machine's."""
+    for group in optimizer.param_groups:
+        if "fused" in group:
+            group["fused"] = fused
 
 
 def _progress_bar(cfg: DictConfig, loaders: Loaders, state: TrainState) -> tqdm:
@@ -122,8 +152,12 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
     epoch runs on `final_model(model)` when given (the re-parameterised copy).
     """
     optimizer, scheduler = build_optimization(cfg, model)
+    fused = optimizer.param_groups[0].get("fused") if optimizer.param_groups else None
     ckpt = RollingCheckpoint(run_dir / "last.ckpt", cfg)
     state = ckpt.restore(model, optimizer, scheduler, loaders.train)
+    _keep_fused(optimizer, fused)
+    precision, compile_ = str(cfg.train.get("precision", "fp32")), bool(cfg.train.get("compile", False))
+    forward = compiled_forward(model, compile_)
     resumed_from = state.epoch
     if state.epoch:
         log.info("resuming from %s after epoch %d", ckpt.path, state.epoch)
@@ -132,14 +166,15 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
     with _progress_bar(cfg, loaders, state) as bar:
         for epoch in range(state.epoch, epochs):
             start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
-            loss = train_one_epoch(model, loaders.train, optimizer, device, bar, epoch, cfg.train.amp,
-                                   cfg.train.get("limit_batches"), loaders.preprocess)
+            loss = train_one_epoch(model, loaders.train, optimizer, device, bar, epoch, precision,
+                                   cfg.train.get("limit_batches"), loaders.preprocess, forward)
             scheduler.step(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr}
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
                 last = epoch + 1 == epochs and final_model is not None
-                record["acc"] = evaluate(final_model(model) if last else model, loaders.eval, device,
-                                         cfg.train.amp, loaders.preprocess)
+                target = final_model(model) if last else model
+                record["acc"] = evaluate(target, loaders.eval, device, precision, loaders.preprocess,
+                                         forward if target is model else compiled_forward(target, compile_))
                 state.evals.append({"epoch": epoch + 1, "acc": record["acc"]})
                 bar.set_description(f"train (acc {record['acc']:.1f}%)")
             state.epoch, state.train_seconds = epoch + 1, state.train_seconds + time.perf_counter() - start
@@ -219,7 +254,9 @@ def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]
     loaders = build_loaders(cfg)
     model = session.build(task_file=cfg.checkpoint)
     info = load_task(model, cfg.checkpoint, session.task_info())
-    acc = evaluate(session.inference()[0], loaders.eval, session.device, cfg.train.amp, loaders.preprocess)
+    infer = session.inference()[0]
+    acc = evaluate(infer, loaders.eval, session.device, str(cfg.train.get("precision", "fp32")), loaders.preprocess,
+                   compiled_forward(infer, bool(cfg.train.get("compile", False))))
     fit_out = {"acc": acc, "acc_best": None, "evals": [{"epoch": None, "acc": acc}], "train_split": None,
                "eval_split": loaders.eval_split}
     # epochs: what the task file trained (recorded since it has them), not the config's train.epochs

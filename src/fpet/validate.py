@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fpet.errors import UserError
+from fpet.precision import precision_problems
 
 
 class ConfigError(UserError, ValueError):
@@ -29,6 +30,9 @@ def recipe_problems(cfg: DictConfig) -> list[str]:
         value = cfg.train.get(key)
         if not _positive_int(value):
             problems.append(f"train.{key}={value!r}: must be a positive integer")
+    problems += precision_problems(cfg.train.get("precision", "fp32"))
+    if not isinstance(cfg.train.get("compile", False), bool):
+        problems.append(f"train.compile={cfg.train.get('compile')!r}: must be true or false")
     limit = cfg.train.get("limit_batches")
     if limit is not None and not _positive_int(limit):
         problems.append(f"train.limit_batches={limit!r}: must be a positive integer or null")
