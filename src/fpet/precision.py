@@ -17,18 +17,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fpet.validate import PRECISIONS, precision_problems  # noqa: F401  (torch-free, checked up front)
+
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "tf32", "bf16")
 """Accepted values of `train.precision`."""
-
-
-def precision_problems(precision: Any) -> list[str]:
-    """The config problem of `train.precision`, if any."""
-    if precision not in PRECISIONS:
-        return [f"train.precision={precision!r}: accepted {list(PRECISIONS)} (fp32: IEEE float32; tf32: float32 "
-                f"with TF32 tensor-core matmuls on CUDA; bf16: bfloat16 autocast)"]
-    return []
 
 
 def configure_precision(precision: str) -> None:

@@ -12,11 +12,21 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from fpet.errors import UserError
-from fpet.precision import precision_problems
 
 
 class ConfigError(UserError, ValueError):
     """One or more invalid config values; the message lists each with the accepted values."""
+
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+def precision_problems(precision: Any) -> list[str]:
+    """The config problem of `train.precision`, if any."""
+    if precision not in PRECISIONS:
+        return [f"train.precision={precision!r}: accepted {list(PRECISIONS)} (fp32: IEEE float32; tf32: float32 "
+                f"with TF32 tensor-core matmuls on CUDA; bf16: bfloat16 autocast)"]
+    return []
 
 
 def _positive_int(value: object) -> bool:
