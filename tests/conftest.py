@@ -27,6 +27,18 @@ FAST = [
 ]
 """Overrides that make a run take seconds on a CPU."""
 
+from fpet.pet import PET_METHODS  # noqa: E402
+
+SELECTING_PETS = tuple(name for name, record in PET_METHODS.items() if record.select is not None)
+"""PET methods that select weights from data (their record's `select`), the only ones TR-PTS's sparse insertion
+(`merge=trpts merge.layer=null`) can read."""
+
+
+def merge_overrides(merge: str, pet: str) -> list[str]:
+    """What `merge=<merge>` needs beside `pet=<pet>` on vit_micro: explicit blocks for TR-PTS's token selection
+    when the PET method selects no weights (its default sparse insertion would be refused)."""
+    return ["merge.layer=[3,6,9]"] if merge == "trpts" and pet not in SELECTING_PETS else []
+
 
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:

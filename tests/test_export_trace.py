@@ -13,10 +13,14 @@ from fpet.validate import ConfigError
 
 
 def tiny_inference_model(merge: str, pet: str = "lora") -> torch.nn.Module:
+    base = [*TINY, "device=cpu", f"pet={pet}", f"merge={merge}"]
     try:
-        session = session_from_overrides([*TINY, "device=cpu", f"pet={pet}", f"merge={merge}"])
-    except ConfigError as err:  # a strategy that needs another PET method or keys of its own
-        pytest.skip(f"merge={merge} needs more than its defaults on the tiny backbone: {err}")
+        session = session_from_overrides(base)
+    except ConfigError:  # default blocks beyond the 2 tiny blocks (EViT 3/6/9) or read from a selection (TR-PTS)
+        try:
+            session = session_from_overrides([*base, "merge.layer=[1]"])
+        except ConfigError as err:
+            pytest.skip(f"merge={merge} needs more than its defaults on the tiny backbone: {err}")
     model, _ = session.inference()
     return model.eval()
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import merge_overrides
 from fpet import build_model
 from fpet.config import compose_config
 from fpet.merge import MERGE_STRATEGIES
@@ -108,8 +109,9 @@ def test_vpt_init_range_is_vpts():
 @pytest.mark.parametrize("pet", ["vpt_shallow", "vpt_deep"])
 def test_prompts_are_protected_prefix_tokens_under_every_merge(make_cfg, images, pet, merge):
     p, image = 10, images[:1]
-    plain = build_model(make_cfg("pet=linear", f"merge={merge}")).eval()
-    model = build_model(make_cfg(f"pet={pet}", f"pet.prompts={p}", f"merge={merge}")).eval()
+    plain = build_model(make_cfg("pet=linear", f"merge={merge}", *merge_overrides(merge, "linear"))).eval()
+    model = build_model(make_cfg(f"pet={pet}", f"pet.prompts={p}", f"merge={merge}",
+                                 *merge_overrides(merge, pet))).eval()
     last = model.vit.blocks[-1]
     seen: list[torch.Tensor] = []
     hook = last.norm1.register_forward_pre_hook(lambda m, args: seen.append(args[0]))

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 import yaml
 from torch import nn
 
-from conftest import ROOT
+from conftest import ROOT, SELECTING_PETS, merge_overrides
 from fpet import build_model
 from fpet.config import compose_config
 from fpet.data.vtab_rules import TASKS
@@ -23,7 +23,6 @@ TABLE_PETS = ["lora", "adaptformer", "repadapter", "bi_lora", "bi_adaptformer", 
 COMPARISON_PETS = ["bitfit", "ln_tune", "vpt_shallow", "vpt_deep", "ssf", "fact_tt", "fact_tk", "dora", "adapter_plus",
                    "convpass"]
 """The comparison methods (tests/test_pet_comparison.py checks their train rules and counts)."""
-SELECTING_PETS = ["trpts", "gps"]
 SELECTING = set(SELECTING_PETS)  # score their weights on data: one scoring batch in tests
 SCORING = ["pet.batches=1", "pet.batch_size=4"]
 PETS = [*TABLE_PETS, *COMPARISON_PETS, *SELECTING_PETS]
@@ -161,9 +160,7 @@ def test_every_pet_and_merge_builds_and_trains_one_step(make_cfg, images, pet, m
         model = TokenViT(built.vit, {6: PairMerge()}, pet_method=built.pet_method)
         set_trainable(model, cfg.pet.trainable)
     else:  # every registered strategy, by its config
-        extra = SCORING if pet in SELECTING else []
-        if merge == "trpts" and pet not in SELECTING:  # sparse insertion needs a selecting method: explicit blocks
-            extra = ["merge.layer=[3,6,9]"]
+        extra = SCORING if pet in SELECTING else merge_overrides(merge, pet)
         cfg = make_cfg(f"pet={pet}", f"merge={merge}", *extra)
         model = build_model(cfg)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}

@@ -146,6 +146,21 @@ def test_run_with_compile_fallback_equals_the_eager_run(make_cfg, tmp_path, monk
     assert fallback["evals"] == eager["evals"]
 
 
+def test_a_compiled_run_trains_on_the_whole_loss_aux_losses_included(make_cfg, tmp_path, monkeypatch):
+    """train.compile compiles the training loss, not only the logits: LTMP's FLOPs-budget loss stays in it."""
+    ltmp = ("merge=ltmp", "train.epochs=1", *NO_BENCH)
+    eager = run(make_cfg(*ltmp), tmp_path / "eager")
+    compiled: list = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)  # a compiler that changes nothing
+    again = run(make_cfg(*ltmp, "train.compile=true"), tmp_path / "compiled")
+
+    def losses(run_dir):
+        return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+    assert compiled and again["compile"] is True
+    assert losses(tmp_path / "compiled") == losses(tmp_path / "eager") and again["acc"] == eager["acc"]
+
+
 @pytest.mark.slow
 def test_real_torch_compile_on_the_cpu_matches_eager():
     session = session_from_overrides(["backbone=vit_micro", "pet=lora", "merge=fpet", "device=cpu"])

@@ -115,7 +115,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(make_cfg, tmp_
     ("pet.dim=0", "pet.dim=0: the adapter hidden dim must be a positive integer"),
     ("train.batch_size=1001", "train.batch_size=1001: larger than the train800val200 split (1000 images)"),
     ("dataset.protocol=holdout", "dataset.protocol='holdout': accepted ['test', 'val']"),
-    ("merge=bsm merge.split=diagonal", "merge.split='diagonal': accepted ['stripe', 'checkerboard']"),
+    ("merge=bsm merge.split=diagonal", "merge.split='diagonal': accepted ['stripe', 'checkerboard', 'kth', 'random']"),
     ("backbone.checkpoint=/no/such/ViT-B_16.npz", "backbone.checkpoint='/no/such/ViT-B_16.npz': no such file"),
     ("train.epochs=0", "train.epochs=0: must be a positive integer"),
     ("pet.name=prefix", "pet='prefix': accepted"),

@@ -36,8 +36,9 @@ def autocast(device: torch.device, precision: str) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
 
 
-def compiled_forward(model: nn.Module, enabled: bool) -> Callable[..., Any]:
-    """`model`'s forward, through `torch.compile` when `enabled` (`train.compile`).
+def compiled_forward(model: Callable[..., Any], enabled: bool) -> Callable[..., Any]:
+    """`model` (a module's forward, or a function of it such as the training loss), through `torch.compile`
+    when `enabled` (`train.compile`).
 
     Merge shapes are static per config (every merge removes a fixed number of tokens), so the graph is compiled
     with `dynamic=False`; a new batch size (the last evaluation batch) or train/eval mode compiles once more.

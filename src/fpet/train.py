@@ -8,6 +8,7 @@ periodic one (the official code's protocol).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -15,7 +16,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Optional
 
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -69,14 +69,15 @@ class NonFiniteLossError(UserError, FloatingPointError):
 
 def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.Optimizer, device: torch.device,
                     bar: tqdm, epoch: int, precision: str = "fp32", limit_batches: Optional[int] = None,
-                    preprocess: Optional[Callable] = None, forward: Optional[Callable] = None) -> float:
+                    preprocess: Optional[Callable] = None, loss_fn: Optional[Callable] = None) -> float:
     """One pass over `loader` (at most `limit_batches` batches) under `precision`'s autocast; returns the mean loss.
-    `forward` (default `model`) is what is called on a batch, e.g. the compiled forward (`train.compile`).
+    `loss_fn(images, labels)` (default `training_loss` of `model`: cross-entropy plus the merge strategies'
+    auxiliary losses) is what is called on a batch, e.g. its compiled form (`train.compile`).
 
     Raises `NonFiniteLossError` (naming epoch, step and lr) before a non-finite loss can reach the weights.
     """
     model.train()
-    forward = model if forward is None else forward
+    loss_fn = functools.partial(training_loss, model) if loss_fn is None else loss_fn
     total, steps = 0.0, 0
     per_epoch = min(len(loader), limit_batches) if limit_batches is not None else len(loader)
     for batch in loader:
@@ -85,9 +86,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable, optimizer: torch.optim.O
         set_train_progress(model, epoch, steps, per_epoch)  # training schedules of merge strategies (EViT)
         images, labels = to_device(batch, device, preprocess)
         with autocast(device, precision):
-            # the compiled forward gives logits only (train.compile): strategies' aux losses need the eager state
-            loss = (training_loss(model, images, labels) if forward is model
-                    else F.cross_entropy(forward(images).float(), labels))
+            loss = loss_fn(images, labels)
         value = loss.item()  # the one host sync of the step
         if not math.isfinite(value):
             raise NonFiniteLossError(
@@ -158,6 +157,7 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
     _keep_fused(optimizer, fused)
     precision, compile_ = str(cfg.train.get("precision", "fp32")), bool(cfg.train.get("compile", False))
     forward = compiled_forward(model, compile_)
+    loss_fn = compiled_forward(functools.partial(training_loss, model), compile_)
     resumed_from = state.epoch
     if state.epoch:
         log.info("resuming from %s after epoch %d", ckpt.path, state.epoch)
@@ -167,7 +167,7 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
         for epoch in range(state.epoch, epochs):
             start, lr = time.perf_counter(), optimizer.param_groups[0]["lr"]
             loss = train_one_epoch(model, loaders.train, optimizer, device, bar, epoch, precision,
-                                   cfg.train.get("limit_batches"), loaders.preprocess, forward)
+                                   cfg.train.get("limit_batches"), loaders.preprocess, loss_fn)
             scheduler.step(epoch)
             record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr}
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
