@@ -70,7 +70,7 @@ class TokenMerge(nn.Module):
     @classmethod
     def build(cls, cfg: DictConfig, geo: "Geometry", layers: list[int]) -> dict[int, "TokenMerge"]:
         """The modules of the blocks `layers` (validated): one `from_config` each unless the strategy schedules
-        something across blocks (ToMe's `[r, inflection]`, DiffRate's per-block counts)."""
+        something across blocks (ToMe's `[r, inflection]` schedule)."""
         return {layer: cls.from_config(cfg, geo) for layer in layers}
 
     @classmethod
@@ -134,12 +134,6 @@ class NoMerge(TokenMerge):
 
     name, label = "none", "w/o merging"
     needs = frozenset()
-
-    @classmethod
-    def build(cls, cfg: DictConfig, geo: "Geometry", layers: list[int]) -> dict[int, "TokenMerge"]:
-        """The modules of the blocks `layers` (validated): one `from_config` each unless the strategy schedules
-        something across blocks (ToMe's `[r, inflection]`, DiffRate's per-block counts)."""
-        return {layer: cls.from_config(cfg, geo) for layer in layers}
 
     @classmethod
     def layers(cls, cfg: DictConfig, geo: "Geometry") -> tuple[list[int], list[str]]:
