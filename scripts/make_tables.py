@@ -14,7 +14,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fpet.tables import make_tables  # noqa: E402
+from fpet.tables import ConflictingRunsError, make_tables  # noqa: E402
 from fpet.tables.build import ACC_PROTOCOLS, protocol_text  # noqa: E402
 
 
@@ -35,6 +35,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--mix-sources", action="store_true",
                         help="allow runs that read different data (NOAH's JPEGs vs a tfds export, or changed "
                              "list files) in one row; refused by default, noted in the tables when allowed")
+    parser.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                        help="use only runs whose recorded config has KEY (a dotted key of the run fingerprint, e.g. "
+                             "train.epochs) at VALUE; repeatable. Needed when runs of one cell (method, task, seed) "
+                             "differ in config: they are refused, each run and the differing keys named")
     parser.add_argument("--backbone", default=None, help="backbone to show when results hold several")
     parser.add_argument("--no-figures", action="store_true", help="skip the PNG figures")
     return parser.parse_args(argv)
@@ -44,8 +48,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     out = Path(args.out) if args.out else Path(args.results_dir) / "tables"
+    where = {}
+    for item in args.where:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConflictingRunsError(f"--where {item!r}: expected KEY=VALUE, e.g. --where train.epochs=100")
+        where[key.strip()] = value
     study, written = make_tables(args.results_dir, out, args.acc, args.protocol, args.backbone,
-                                 figures=not args.no_figures, allow_mixed_sources=args.mix_sources)
+                                 figures=not args.no_figures, allow_mixed_sources=args.mix_sources, where=where)
     tasks = len(study.tasks)
     print(f"{len(study.runs)} runs of {study.backbone} ({args.protocol} protocol) over {tasks} tasks in "
           f"{len(study.summaries)} method rows; accuracy: {protocol_text(study)}")

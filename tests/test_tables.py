@@ -12,7 +12,7 @@ import pytest
 
 from fake_vtab import load_script
 from fpet.results import RESULT_KEYS
-from fpet.tables import VTAB_TASKS, build_study, load_runs, make_tables
+from fpet.tables import VTAB_TASKS, ConflictingRunsError, build_study, load_runs, make_tables
 from fpet.tables.build import table1, table2, table3
 from fpet.tables.render import Stat, to_latex
 
@@ -21,8 +21,9 @@ GROUP_ACC = {"natural": 60.0, "specialized": 80.0, "structured": 40.0}
 
 def write_run(root: Path, task: str, pet: str, merge: str = "none", seed: int = 0, acc: Optional[float] = 50.0,
               layer: Optional[int] = None, split: Optional[str] = None, stop_grad: Optional[bool] = None,
-              backbone: str = "vit_b16", **extra: Any) -> Path:
-    """One results.json as fpet.train writes it (contract keys, details, config), in its own run dir."""
+              backbone: str = "vit_b16", config: Optional[dict[str, Any]] = None, **extra: Any) -> Path:
+    """One results.json as fpet.train writes it (contract keys, details, config; `config`: more recorded config
+    groups, e.g. {"train": {"epochs": 6}}), in its own run dir."""
     tag = f"{merge}_l{layer}_{split}_{stop_grad}"
     path = root / backbone / task / pet / tag / f"seed{seed}" / "results.json"
     results: dict[str, Any] = {k: None for k in RESULT_KEYS}
@@ -31,7 +32,8 @@ def write_run(root: Path, task: str, pet: str, merge: str = "none", seed: int = 
                    dtype="float32", merge_layer=layer, merge_split=split, complete=True,
                    finished_at="2026-01-01T00:00:00+00:00",
                    config={"dataset": {"name": task, "group": VTAB_TASKS.get(task, "synthetic")},
-                           "merge": {"name": merge, "layer": layer, "split": split, "stop_grad": stop_grad}})
+                           "merge": {"name": merge, "layer": layer, "split": split, "stop_grad": stop_grad},
+                           **(config or {})})
     results.update(extra)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results))
@@ -171,6 +173,61 @@ def test_duplicates_unfinished_and_corrupt_files(tmp_path):
     (res / "d" / "results.json").write_text('{"task": "svh')
     study = build_study(load_runs(res), acc_key="acc")
     assert study.get("lora").tasks == {"cifar100": Stat(20.0)}
+
+
+def test_runs_of_one_cell_with_different_configs_are_refused_and_named(tmp_path):
+    """Issue 18: a 6-epoch 98.0 % run and a later 2-epoch 49.8 % run of the same cell: no silent pick."""
+    res = tmp_path / "res"
+    six = write_run(res / "a", "cifar100", "lora", acc=98.0, finished_at="2026-01-01T00:00:00",
+                    config={"train": {"epochs": 6}, "optim": {"optimizer": {"lr": 0.001}}})
+    two = write_run(res / "b", "cifar100", "lora", acc=49.8, finished_at="2026-02-01T00:00:00",
+                    config={"train": {"epochs": 2}, "optim": {"optimizer": {"lr": 0.001}}})
+    with pytest.raises(ConflictingRunsError) as err:
+        make_tables(res, tmp_path / "out", acc_key="acc", figures=False)
+    text = str(err.value)
+    assert "lora + none, cifar100, seed 0: 2 runs differ in train.epochs" in text and "optim" not in text
+    assert f"{six} (finished 2026-01-01T00:00:00): train.epochs=6" in text and f"{two} (finished" in text
+    assert "--where" in text
+    study, _ = make_tables(res, tmp_path / "out", acc_key="acc", figures=False, where={"train.epochs": "6"})
+    assert study.get("lora").tasks == {"cifar100": Stat(98.0)}
+    row = ours(read_csv(tmp_path / "out" / "table2.csv"), "LoRA")
+    notes = (tmp_path / "out" / "table2.md").read_text()
+    assert row["config"].startswith("c") and f"config {row['config']}: train.epochs=6." in notes  # 100 by default
+    with pytest.raises(ConflictingRunsError, match="train.epochs"):
+        make_tables(res, tmp_path / "out", figures=False, where={"train.epoch": "6"})  # a typo: the nearest key
+    load_script("make_tables").main([str(res), "--acc", "acc", "--no-figures", "--where", "train.epochs=2"])
+    assert float(ours(read_csv(res / "tables" / "table2.csv"), "LoRA")["cifar100"]) == 49.8
+
+
+def test_exact_duplicates_keep_the_latest_and_are_named(tmp_path, caplog):
+    res = tmp_path / "res"
+    old = write_run(res / "a", "dtd", "lora", acc=10.0, finished_at="2026-01-01T00:00:00",
+                    config={"train": {"epochs": 100}})
+    new = write_run(res / "b", "dtd", "lora", acc=20.0, finished_at="2026-02-01T00:00:00",
+                    config={"train": {"epochs": 100}}, device="another GPU")   # not part of the config
+    write_run(res / "c", "cifar100", "lora", acc=30.0, config={"train": {"epochs": 100}})
+    study = build_study(load_runs(res), acc_key="acc")
+    assert study.get("lora").tasks["dtd"] == Stat(20.0)
+    assert study.duplicates == [f"lora + none, dtd, seed 0: 2 runs of the same config; using {new} (finished "
+                                f"2026-02-01T00:00:00), ignoring {old}"]
+    assert str(old) in caplog.text and study.config_label("lora") == "default"
+
+
+def test_rows_name_the_config_their_runs_used(tmp_path):
+    res = tmp_path / "res"
+    write_vtab(res, "lora")                                                     # every run at the defaults
+    write_vtab(res, "adaptformer", config={"train": {"epochs": 6}, "dataset": {"normalize": "imagenet"}})
+    write_run(res, "dtd", "bi_lora", acc=50.0, config={"train": {"epochs": 6}})
+    write_run(res, "svhn", "bi_lora", acc=50.0, config={"train": {"epochs": 2}})
+    make_tables(res, tmp_path / "out", figures=False)
+    for name in ("table1", "table2"):
+        rows = read_csv(tmp_path / "out" / f"{name}.csv")
+        notes = (tmp_path / "out" / f"{name}.md").read_text()
+        assert ours(rows, "LoRA")["config"] == "default" and ours(rows, "Bi-AdaptFormer")["config"] == ""
+        label = ours(rows, "AdaptFormer")["config"]
+        assert f"config {label}: dataset.normalize=imagenet, train.epochs=6." in notes
+        assert f"config {ours(rows, 'Bi-LoRA')['config']}: train.epochs=6|2." in notes
+        assert next(r for r in rows if r["source"] == "paper")["config"] == ""
 
 
 def test_latex_escapes_and_gaps(tmp_path):

@@ -35,6 +35,13 @@ def config_fingerprint(cfg: DictConfig) -> dict[str, Any]:
     return out
 
 
+def location_keys(raw: dict[str, Any]) -> set[str]:
+    """Dotted keys of an unresolved config container whose value is interpolated from `paths` or the environment
+    (e.g. `backbone.checkpoint`): where files are, not what a run computes, so no config difference."""
+    return {key for key, value in flatten(raw).items()
+            if isinstance(value, str) and ("${paths." in value or "${oc.env:" in value)}
+
+
 def flatten(node: Any, prefix: str = "") -> dict[str, Any]:
     """Nested dicts -> one level with dotted keys: `{"pet": {"dim": 8}} -> {"pet.dim": 8}`."""
     if not isinstance(node, dict):

@@ -19,14 +19,9 @@ from fpet.config import num_gpus, register_resolvers  # noqa: F401  (re-exported
 from fpet.errors import UserError
 
 from fpet.results import load_complete_results
-from fpet.identity import config_changes, config_fingerprint, flatten
+from fpet.identity import config_changes, config_fingerprint, location_keys
 
 log = logging.getLogger(__name__)
-
-
-def _location(raw: Any) -> bool:
-    """A value interpolated from `paths` or the environment: where files are, not what the run computes."""
-    return isinstance(raw, str) and ("${paths." in raw or "${oc.env:" in raw)
 
 
 def config_differences(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
@@ -37,8 +32,8 @@ def config_differences(stored: dict[str, Any], cfg: DictConfig) -> list[str]:
     finished runs look stale; file locations (values interpolated from `paths`) do not count either.
     """
     changes = config_changes(config_fingerprint(OmegaConf.create(stored)), config_fingerprint(cfg), shared_only=True)
-    raw = flatten(OmegaConf.to_container(cfg, resolve=False))
-    return [text for key, text in changes.items() if not _location(raw.get(key))]
+    locations = location_keys(OmegaConf.to_container(cfg, resolve=False))
+    return [text for key, text in changes.items() if key not in locations]
 
 
 class RunDirConflict(UserError, RuntimeError):

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fpet.tables.build import Study, build_study, layer_table, table1, table2, table3
-from fpet.tables.collect import VTAB_TASKS, Method, Run, Stat, Summary, load_runs
+from fpet.tables.collect import (VTAB_TASKS, ConflictingRunsError, Method, Run, Stat, Summary, load_runs,
+                                 select_runs)
 from fpet.tables.figures import write_figures
 from fpet.tables.render import Column, Table, to_csv, to_latex, to_markdown
 
@@ -64,14 +65,17 @@ def side_by_side(first: Table, second: Table) -> Table:
 def build_tables(study: Study, companion: Optional[Study] = None) -> dict[str, Table]:
     """Every table of `study` with its protocol column; with a `companion` study (another protocol over the same
     methods) its rows sit beside each method's rows."""
-    from fpet.tables.build import protocol_text
+    from fpet.tables.build import config_notes, protocol_text
+
+    def one(build: Callable[[Study], Table], of: Study) -> Table:
+        table = with_protocol(build(of), protocol_text(of))
+        config_notes(table, of)
+        return table
 
     out = {}
     for name, build in TABLES.items():
-        table = with_protocol(build(study), protocol_text(study))
-        if companion is not None:
-            table = side_by_side(table, with_protocol(build(companion), protocol_text(companion)))
-        out[name] = table
+        table = one(build, study)
+        out[name] = table if companion is None else side_by_side(table, one(build, companion))
     return out
 
 
@@ -93,15 +97,19 @@ def write_tables(study: Study, out_dir: str | Path, companion: Optional[Study] =
 
 def make_tables(results_dir: str | Path, out_dir: Optional[str | Path] = None, acc_key: str = "acc_best",
                 protocol: str = "test", backbone: Optional[str] = None,
-                figures: bool = True, allow_mixed_sources: bool = False) -> tuple[Study, list[Path]]:
+                figures: bool = True, allow_mixed_sources: bool = False,
+                where: Optional[dict[str, str]] = None) -> tuple[Study, list[Path]]:
     """Read every results.json below `results_dir`; write the tables (and figures) to `out_dir`
     (default `<results_dir>/tables`). Returns the study behind them and the written files.
 
     `protocol`: `test` / `val` (the data protocol; the paper's recipe runs, accuracy `acc_key`), `paper` (test,
     recipe, best of the periodic test evaluations), `selected` (test, `+hparams` runs, final epoch) or `both`
     (paper and selected rows side by side; the study returned is the paper one). Rows whose runs read different
-    data are refused unless `allow_mixed_sources`."""
+    data are refused unless `allow_mixed_sources`. Runs of one cell with different configs are refused
+    (`ConflictingRunsError`) unless `where` ({dotted fingerprint key: value}) keeps one config."""
     runs = load_runs(results_dir)
+    if where:
+        runs = select_runs(runs, where)
     companion = None
     if protocol in REPORTS or protocol == "both":
         first = "paper" if protocol == "both" else protocol
@@ -118,5 +126,5 @@ def make_tables(results_dir: str | Path, out_dir: Optional[str | Path] = None, a
     return study, written
 
 
-__all__ = ["REPORTS", "build_tables", "side_by_side", "with_protocol", "Column", "Method", "Run", "Stat", "Study", "Summary", "TABLES", "Table", "VTAB_TASKS", "build_study",
+__all__ = ["ConflictingRunsError", "REPORTS", "build_tables", "side_by_side", "with_protocol", "Column", "Method", "Run", "Stat", "Study", "Summary", "TABLES", "Table", "VTAB_TASKS", "build_study",
            "load_runs", "make_tables", "to_csv", "to_latex", "to_markdown", "write_figures", "write_tables"]

@@ -12,7 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from fpet.errors import UserError
-from fpet.tables.collect import (VTAB_TASKS, Method, Run, Stat, Summary, deduplicate, summarize, table_tasks)
+from fpet.tables.collect import (VTAB_TASKS, Method, Run, Stat, Summary, deduplicate, non_default, summarize,
+                                 table_tasks)
 from fpet.tables.paper import number, paper_method, paper_row
 from fpet.tables.render import Column, Table
 
@@ -72,6 +73,16 @@ class Study:
     """Which runs: `recipe` (the paper's hyper-parameters), `selected` (a `+hparams` table), `any`."""
     mixed_sources: list[str] = field(default_factory=list)
     """Rows whose runs read different data (only when allowed; see `check_sources`)."""
+    duplicates: list[str] = field(default_factory=list)
+    """One line per cell that held several runs of the same config (the latest used; see `deduplicate`)."""
+    configs: dict[tuple[str, str], str] = field(default_factory=dict)
+    """Row -> its config in words (`row_config`); '' = this checkout's defaults."""
+
+    def config_label(self, pet: str, variant: str = "none") -> Optional[str]:
+        """The `config` cell of a row: `default`, `not recorded`, or `c<hash>` defined in the notes (None: no runs)."""
+        if (pet, variant) not in self.configs:
+            return None
+        return config_label(self.configs[(pet, variant)])
 
     def get(self, pet: str, variant: str = "none") -> Optional[Summary]:
         return self.summaries.get((pet, variant))
@@ -99,7 +110,50 @@ class Study:
             notes.append("paper: the values the paper reports (reference/paper/*.csv).")
         notes.append(f"Protocol: {protocol_text(self)}; data: {data_text(self)}.")
         notes += [f"MIXED DATA (allowed by --mix-sources): {m}" for m in self.mixed_sources]
+        if self.duplicates:
+            notes.append(f"{len(self.duplicates)} cells held several runs of the same config: the latest is used "
+                         f"(make_tables names them).")
         return notes
+
+
+CONFIG_NOTE = ("config: `default` = the run fingerprint of every run of the row is this checkout's default for its "
+               "method, merge strategy and task (the paper's recipe; merge options are in the row name); "
+               "`c…` = the keys that differ, defined below (`a|b`: the row's runs differ)")
+
+
+def row_config(runs: list[Run]) -> str:
+    """A row's config in words: the fingerprint keys of its runs that are not at the defaults, `key=value`
+    (`key=a|b` where its runs differ); '' when none; `not recorded` when no run recorded its config."""
+    if runs and not any(r.config for r in runs):
+        return "not recorded"
+    keys = sorted({k for r in runs for k in non_default(r)})
+    parts = []
+    for key in keys:
+        values = list(dict.fromkeys("null" if r.config.get(key) is None else str(r.config.get(key)) for r in runs
+                                    if key in r.config))
+        parts.append(f"{key}={'|'.join(values)}")
+    return ", ".join(parts)
+
+
+def config_label(text: str) -> str:
+    """`default` for '', the text itself for `not recorded`, else `c` + 4 hex digits of its hash (stable across
+    tables and protocols)."""
+    import hashlib
+
+    if text in ("", "not recorded"):
+        return text or "default"
+    return "c" + hashlib.sha1(text.encode()).hexdigest()[:4]
+
+
+def config_notes(table: Table, study: Study) -> None:
+    """Append the `config` column's explanation and a definition of each `c…` label the table shows."""
+    if "config" not in [c.name for c in table.columns]:
+        return
+    shown = set(table.column("config"))
+    table.notes.append(CONFIG_NOTE + ".")
+    for text in sorted(set(study.configs.values())):
+        if config_label(text) in shown and config_label(text).startswith("c"):
+            table.notes.append(f"config {config_label(text)}: {text}.")
 
 
 def pick_backbone(runs: list[Run], backbone: Optional[str]) -> str:
@@ -180,7 +234,8 @@ def build_study(runs: list[Run], acc_key: str = "acc_best", protocol: str = "tes
     backbone = pick_backbone(runs, backbone) if runs else (backbone or "vit_b16")
     wanted = {"recipe": lambda r: r.selection is None, "selected": lambda r: r.selection is not None,
               "any": lambda r: True}[selection]
-    runs = deduplicate([r for r in runs if r.backbone == backbone and r.protocol == protocol and wanted(r)])
+    runs, duplicates = deduplicate([r for r in runs if r.backbone == backbone and r.protocol == protocol and
+                                    wanted(r)])
     groups = table_tasks(runs)
     tasks = {t for ts in groups.values() for t in ts}
     by_key: dict[tuple[str, str], list[Run]] = defaultdict(list)
@@ -194,7 +249,11 @@ def build_study(runs: list[Run], acc_key: str = "acc_best", protocol: str = "tes
         "train_act_mb"
     paper = backbone == "vit_b16" and any(t in VTAB_TASKS for t in tasks)
     return Study([r for rs in by_key.values() for r in rs], groups, summaries, backbone, acc_key, protocol, paper,
-                 memory_key, selection, mixed)
+                 memory_key, selection, mixed, duplicates, {key: row_config(rs) for key, rs in by_key.items()})
+
+
+CONFIG = Column("config", "{}")
+"""The last column of every table: which config each of our rows used (`Study.config_label`, `config_notes`)."""
 
 
 def label(pet: str, variant: str) -> str:
@@ -242,7 +301,7 @@ def table2(study: Study) -> Table:
     groups = list(study.groups)
     columns = [Column("method"), Column("source"), Column("params (M)", "{:.2f}"), Column("Average"),
                *[Column(f"{g.capitalize()} (mean)") for g in groups], *[Column(t) for t in study.tasks],
-               Column("tasks")]
+               Column("tasks"), CONFIG]
     title = "Table 2: top-1 accuracy (%) per task, group means and Average (mean of the group means)"
     table = Table("table2", title, columns, notes=study.notes())
     for pet, variant in main_rows(study):
@@ -252,13 +311,14 @@ def table2(study: Study) -> Table:
             params = (s.efficiency["params_pet"] + (s.efficiency.get("params_merge") or 0)) / 1e6
         table.rows.append([label(pet, variant), "ours", params, s.average if s else None,
                            *[s.groups.get(g) if s else None for g in groups],
-                           *[s.tasks.get(t) if s else None for t in study.tasks], _n_tasks(study, s)])
+                           *[s.tasks.get(t) if s else None for t in study.tasks], _n_tasks(study, s),
+                           study.config_label(pet, variant)])
         paper = paper_row("table2", method=paper_method(pet, variant) or "") if study.paper else None
         if paper:
             accs = {t: number(paper.get(t)) for t in study.tasks}
             means = [statistics.fmean(accs[t] for t in study.groups[g]) for g in groups]
             table.rows.append([label(pet, variant), "paper", number(paper["params_m"]), number(paper["average"]),
-                               *means, *accs.values(), ""])
+                               *means, *accs.values(), "", ""])
     table.notes.append("params: trainable parameters without the head (PET + merge), as the paper's # param.")
     return table
 
@@ -277,7 +337,8 @@ def table1(study: Study) -> Table:
     """Table 1: Average accuracy, inference time, GFLOPs and training memory, each also relative to full
     fine-tuning and (merged rows) to the same PET method without merging."""
     columns = [Column("method"), Column("source"), Column("acc"), *_metric_columns("time (ms/img)", "time"),
-               *_metric_columns("GFLOPs", "GFLOPs"), *_metric_columns(f"memory ({study.memory_unit})", "memory")]
+               *_metric_columns("GFLOPs", "GFLOPs"), *_metric_columns(f"memory ({study.memory_unit})", "memory"),
+               CONFIG]
     table = Table("table1", "Table 1: accuracy and efficiency (inference at batch 256, training at batch 64)",
                   columns, notes=study.notes())
     ours_full = _efficiency(study, study.get("full"))
@@ -285,14 +346,15 @@ def table1(study: Study) -> Table:
     for pet, variant in main_rows(study):
         ours = _efficiency(study, study.get(pet, variant))
         base = _efficiency(study, study.get(pet)) if variant != "none" else None
-        table.rows.append(_table1_row(label(pet, variant), "ours", ours, ours_full, base))
+        table.rows.append([*_table1_row(label(pet, variant), "ours", ours, ours_full, base),
+                           study.config_label(pet, variant)])
         paper = paper_efficiency(paper_method(pet, variant)) if study.paper else None
         if paper:
             paper_base = paper_efficiency(pet) if variant != "none" else None
             row = _table1_row(label(pet, variant), "paper", paper, paper_full, paper_base)
             if study.memory_key != "peak_mem_mb":
                 row[9] = None  # the paper's GPU GB beside our saved-for-backward MB would mislead
-            table.rows.append(row)
+            table.rows.append([*row, ""])
     table.notes.append("vs full: against full fine-tuning of the same source; vs w/o merge: against the same PET "
                        "method without token merging. Time and GFLOPs are per image.")
     return table
@@ -329,19 +391,20 @@ def table3(study: Study, pet: str = "bi_adaptformer") -> Table:
     """Table 3: token-reduction strategies as differences against the same PET method without merging."""
     columns = [Column("method"), Column("source"), Column("acc"), Column("Δ acc", "{:+.2f}"),
                Column("Δ time (ms)", "{:+.2f}"), Column("Δ GFLOPs", "{:+.2f}"),
-               Column(f"Δ memory ({study.memory_unit})", "{:+.2f}"), Column("tasks")]
+               Column(f"Δ memory ({study.memory_unit})", "{:+.2f}"), Column("tasks"), CONFIG]
     table = Table("table3", f"Table 3: token reduction strategies on {pet_label(pet)}", columns,
                   notes=study.notes())
     base = _efficiency(study, study.get(pet))
     for name, variant, paper_name in TABLE3_ROWS:
         s = study.get(pet, variant) if variant else None
         ours = _efficiency(study, s)
-        table.rows.append([name, "ours", ours[0], *[diff(a, b) for a, b in zip(ours, base)], _n_tasks(study, s)])
+        table.rows.append([name, "ours", ours[0], *[diff(a, b) for a, b in zip(ours, base)], _n_tasks(study, s),
+                           study.config_label(pet, variant) if variant else None])
         paper = paper_row("table3", method=paper_name) if study.paper and pet == "bi_adaptformer" else None
         if paper:
             mem = number(paper["delta_mem_gb"]) if study.memory_key == "peak_mem_mb" else None
             table.rows.append([name, "paper", None, number(paper["delta_acc"]), number(paper["delta_time_ms"]), None,
-                               mem, ""])
+                               mem, "", ""])
     table.notes.append(f"Δ: against {pet_label(pet)} without merging (first row). LTMP is not "
                        f"implemented here (paper row only).")
     return table
@@ -356,7 +419,7 @@ def layer_table(study: Study, name: str, pet: str) -> Table:
     columns = [Column("layer", "{}"), Column("method"), Column("source"), Column("acc", "{:.2f}"),
                Column("Δ acc", "{:+.2f}"), Column("time (ms/img)", "{:.2f}"), Column("GFLOPs", "{:.2f}"),
                Column("GFLOPs vs w/o merge (%)", "{:+.1f}"), Column(f"memory ({study.memory_unit})", "{:.2f}"),
-               Column("tasks")]
+               Column("tasks"), CONFIG]
     title = f"Table {name[5:]}: merge layer trade-off on {pet_label(pet)}"
     table = Table(name, title, columns, notes=study.notes())
     base = _efficiency(study, study.get(pet))
@@ -367,11 +430,11 @@ def layer_table(study: Study, name: str, pet: str) -> Table:
         s = study.get(pet, variant)
         acc, time, gflops, mem = _efficiency(study, s)
         table.rows.append([layer, merge_label(merge), "ours", acc, diff(acc, base[0]), time, gflops,
-                           rel(gflops, base[2]), mem, _n_tasks(study, s)])
+                           rel(gflops, base[2]), mem, _n_tasks(study, s), study.config_label(pet, variant)])
         paper = _paper_layer(study, name, str(layer) if merge != "none" else "none", merge)
         if paper:
             table.rows.append([layer, merge_label(merge), "paper", paper[0], diff(paper[0], paper_base[0]),
-                               paper[1], paper[2], rel(paper[2], paper_base[2]), None, ""])
+                               paper[1], paper[2], rel(paper[2], paper_base[2]), None, "", ""])
     table.notes.append(f"Δ acc and GFLOPs vs w/o merge: against {pet_label(pet)} without merging (first "
                        f"row). Layers are 0-based block indices.")
     return table

@@ -3,6 +3,11 @@
 The VTAB-1K "Average" is the mean of the three group means (Natural, Specialized, Structured), not of the 19 tasks.
 Accuracies are averaged over seeds per task; the +- std of a group mean or of the Average is the sample standard
 deviation, over seeds, of that mean computed per seed (only seeds that cover every task of it count).
+
+A table cell is one (backbone, protocol, hyper-parameter origin, method, task, seed). Runs of one cell with the same
+run fingerprint (fpet.identity.config_fingerprint) are duplicates: the latest is used and the others are named.
+Runs of one cell whose fingerprints differ are refused (`ConflictingRunsError` names each run and the differing keys)
+until `where` (`--where KEY=VALUE`) keeps one config.
 """
 from __future__ import annotations
 
@@ -18,6 +23,8 @@ from typing import Any, Iterable, Optional
 from omegaconf import OmegaConf
 
 from fpet.data.vtab_rules import GROUPS, TASKS
+from fpet.errors import UserError
+from fpet.identity import config_changes, config_fingerprint, flatten, location_keys
 
 log = logging.getLogger(__name__)
 
@@ -35,16 +42,12 @@ NOT_OPTIONS = ("name", "tag")
 
 @lru_cache(maxsize=None)
 def _merge_defaults(merge: str, backbone: str, merge_layer: Optional[int]) -> tuple[tuple[str, Any], ...]:
-    from fpet.config import compose_config
-
-    extra = [] if merge_layer is None else [f"backbone.merge_layer={merge_layer}"]
-    for overrides in ([f"backbone={backbone}", *extra], extra):  # an unknown backbone: the default one's
-        try:
-            cfg = compose_config([f"merge={merge}", *overrides])
-        except Exception:  # noqa: BLE001 - a strategy or backbone this checkout does not have
-            continue
-        return tuple(OmegaConf.to_container(cfg.merge, resolve=True).items())
-    return ()
+    cfg = default_config(backbone=backbone, merge=merge) or default_config(merge=merge)  # unknown backbone: default's
+    if cfg is None:
+        return ()  # a strategy this checkout does not have
+    if merge_layer is not None:
+        cfg.backbone.merge_layer = merge_layer
+    return tuple(OmegaConf.to_container(cfg.merge, resolve=True).items())
 
 
 def merge_defaults(merge: str, backbone: str, merge_layer: Optional[int] = None) -> dict[str, Any]:
@@ -115,6 +118,18 @@ class Run:
     """Which data the run read (`data.source` of results.json, fpet.data.provenance)."""
     data_hash: Optional[str] = None
     eval_every: Optional[int] = None
+    config: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    """The run fingerprint of the recorded config (fpet.identity.config_fingerprint), dotted keys; {}: none recorded."""
+
+    @property
+    def cell(self) -> tuple:
+        """What one table cell holds: backbone, data protocol, hyper-parameter origin, row, task, seed."""
+        return self.backbone, self.protocol, self.selection, self.method.key, self.task, self.seed
+
+    def describe(self) -> str:
+        """`<row>, <task>, seed <seed>` for messages."""
+        pet, variant = self.method.key
+        return f"{pet} + {variant}, {self.task}, seed {self.seed}"
 
 
 @dataclass(frozen=True)
@@ -164,7 +179,13 @@ def run_from_results(results: dict[str, Any], path: str) -> Run:
         accuracy={k: results.get(k) for k in ACC_KEYS},
         efficiency={k: results.get(k) for k in EFFICIENCY_KEYS}, backbone=results["backbone"],
         protocol=results.get("protocol") or "test", device=results.get("device") or "",
-        finished_at=results.get("finished_at") or "", path=path, **provenance_of(results))
+        finished_at=results.get("finished_at") or "", path=path, config=recorded_fingerprint(results.get("config")),
+        **provenance_of(results))
+
+
+def recorded_fingerprint(config: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The run fingerprint (what decides the numbers) of a results.json `config`, flattened to dotted keys."""
+    return flatten(config_fingerprint(OmegaConf.create(config))) if config else {}
 
 
 def provenance_of(results: dict[str, Any]) -> dict[str, Any]:
@@ -205,16 +226,174 @@ def load_runs(root: str | Path) -> list[Run]:
     return runs
 
 
-def deduplicate(runs: list[Run]) -> list[Run]:
-    """One run per (backbone, protocol, method, task, seed): the latest finished one (e.g. a single run and the
-    same cell of a sweep)."""
-    latest: dict[tuple, Run] = {}
+class ConflictingRunsError(UserError, ValueError):
+    """Runs of one table cell (method, task, seed) differ in config; refused rather than one picked silently."""
+
+
+@lru_cache(maxsize=None)
+def _composed(overrides: tuple[str, ...]) -> Any:
+    from fpet.config import compose_config
+
+    try:
+        return compose_config(list(overrides))
+    except Exception:  # noqa: BLE001 - an option this checkout does not have
+        return None
+
+
+VTAB_DEFAULTS = ["/vtab_task@_here_", "_self_"]
+
+
+@lru_cache(maxsize=None)
+def group_node(group: str, name: str) -> Any:
+    """The `<group>` node of `<group>=<name>` (None: no such option). A file without a defaults list, or a VTAB
+    task file (the shared configs/vtab_task.yaml, then its own keys), is read as Hydra merges it, without a compose
+    (0.2 s each); other files are composed."""
+    from fpet.config import CONFIG_DIR
+
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.exists():
+        return None
+    node = OmegaConf.load(path)
+    defaults = list(node.pop("defaults", []))
+    if not defaults:
+        return node
+    if group == "dataset" and defaults == VTAB_DEFAULTS:
+        return OmegaConf.merge(OmegaConf.load(CONFIG_DIR / "vtab_task.yaml"), node)
+    composed = _composed((f"{group}={name}",))
+    return None if composed is None else composed[group]
+
+
+def default_config(**options: Optional[str]) -> Any:
+    """This checkout's default train config with the given options (`backbone=`, `pet=`, `merge=`, `dataset=`;
+    None: the default one), unresolved; None when an option does not exist here."""
+    import copy
+
+    cfg = copy.deepcopy(_composed(()))
+    for group, name in options.items():
+        if name is not None:
+            node = group_node(group, name)
+            if node is None:
+                return None
+            cfg[group] = node
+    return cfg
+
+
+@lru_cache(maxsize=None)
+def default_fingerprint(backbone: str, pet: str, merge: str, task: str) -> tuple[tuple[tuple[str, Any], ...],
+                                                                                   frozenset[str]]:
+    """This checkout's default run fingerprint of `backbone=.. pet=.. merge=.. dataset=..` (dotted keys; the
+    dataset group is left out for a task without a config) and its location keys (paths, not config)."""
+    cfg = default_config(backbone=backbone, pet=pet, merge=merge)
+    if cfg is None:
+        return (), frozenset()
+    data = group_node("dataset", task)
+    if data is not None:
+        cfg.dataset = data
+    fingerprint = config_fingerprint(cfg)
+    if data is None:
+        fingerprint.pop("dataset", None)
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    return tuple(_hashable_items(flatten(fingerprint))), frozenset(location_keys(raw))
+
+
+def _hashable_items(flat: dict[str, Any]) -> list[tuple[str, Any]]:
+    return [(k, repr(v) if isinstance(v, (list, dict)) else v) for k, v in flat.items()]
+
+
+CELL_KEYS = ("seed", "dataset.protocol", "merge.tag")
+"""Fingerprint keys that are the cell itself (or only name it): never a config difference within a cell."""
+
+
+def _defaults_of(run: Run) -> tuple[dict[str, Any], frozenset[str]]:
+    items, locations = default_fingerprint(run.backbone, run.method.pet, run.method.merge, run.task)
+    return {k: v for k, v in items}, locations
+
+
+def run_config_differences(a: Run, b: Run) -> list[str]:
+    """Dotted fingerprint keys both runs record with different values (cell keys and file locations left out)."""
+    locations = _defaults_of(a)[1]
+    return [k for k in config_changes(a.config, b.config, shared_only=True)
+            if k not in CELL_KEYS and k not in locations]
+
+
+def non_default(run: Run) -> dict[str, Any]:
+    """The recorded fingerprint keys of `run` whose values differ from this checkout's defaults for its backbone,
+    method, merge strategy and task (merge options are in the row name; cell keys and locations left out)."""
+    defaults, locations = _defaults_of(run)
+    out = {}
+    for key, value in run.config.items():
+        shown = repr(value) if isinstance(value, (list, dict)) else value
+        if key in defaults and shown != defaults[key] and key not in CELL_KEYS and key not in locations \
+                and not key.startswith("merge."):
+            out[key] = value
+    return out
+
+
+def _value_text(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def deduplicate(runs: list[Run]) -> tuple[list[Run], list[str]]:
+    """One run per table cell (`Run.cell`). Same fingerprint: the latest finished one, and a line naming the kept and
+    the ignored runs for each such cell. Different fingerprints: `ConflictingRunsError` naming every run of each
+    such cell with its values of the differing keys."""
+    cells: dict[tuple, list[Run]] = defaultdict(list)
     for run in sorted(runs, key=lambda r: r.finished_at):
-        latest[(run.backbone, run.protocol, run.selection, run.method.key, run.task, run.seed)] = run
-    if len(latest) < len(runs):
-        log.info("%d duplicate runs (same method, task and seed) ignored; the latest of each is used",
-                 len(runs) - len(latest))
-    return list(latest.values())
+        cells[run.cell].append(run)
+    kept, duplicates, conflicts = [], [], []
+    for cell_runs in cells.values():
+        latest = cell_runs[-1]
+        kept.append(latest)
+        if len(cell_runs) == 1:
+            continue
+        keys = sorted({k for i, a in enumerate(cell_runs) for b in cell_runs[i + 1:]
+                       for k in run_config_differences(a, b)})
+        if keys:
+            lines = [f"    {r.path} (finished {r.finished_at or '?'}): " +
+                     ", ".join(f"{k}={_value_text(r.config.get(k))}" for k in keys) for r in cell_runs]
+            conflicts.append(f"{latest.describe()}: {len(cell_runs)} runs differ in {', '.join(keys)}\n" +
+                             "\n".join(lines))
+        else:
+            duplicates.append(f"{latest.describe()}: {len(cell_runs)} runs of the same config; using {latest.path} "
+                              f"(finished {latest.finished_at or '?'}), ignoring " +
+                              ", ".join(r.path for r in cell_runs[:-1]))
+    if conflicts:
+        raise ConflictingRunsError(
+            "runs of the same table cell (method, task, seed) were made with different configs, so no cell can be "
+            "filled without choosing:\n  - " + "\n  - ".join(conflicts) + "\nKeep one config with --where KEY=VALUE "
+            "(make_tables(..., where={KEY: VALUE}); e.g. --where train.epochs=100), or move the other runs out of "
+            "the results folder")
+    for line in duplicates:
+        log.warning("duplicate runs: %s", line)
+    return kept, duplicates
+
+
+def _matches(value: Any, text: str) -> bool:
+    """A recorded config value equals a command-line value (`6`, `0.003`, `3e-3`, `true`, `null`, `adamw`)."""
+    if value is None or isinstance(value, bool):
+        return text.strip().lower() == _value_text(value).lower()
+    if isinstance(value, (int, float)):
+        try:
+            return float(text) == float(value)
+        except ValueError:
+            return False
+    return str(value) == text.strip()
+
+
+def select_runs(runs: list[Run], where: dict[str, str]) -> list[Run]:
+    """The runs whose recorded fingerprint has every `where` key at its value (`--where KEY=VALUE`); a key no run
+    records is a `UserError` with the nearest recorded keys."""
+    import difflib
+
+    known = {k for r in runs for k in r.config}
+    for key in where:
+        if key not in known:
+            near = difflib.get_close_matches(key, sorted(known), n=3) or sorted(known)[:5]
+            raise ConflictingRunsError(f"--where {key}=...: no run records {key!r} in its config; recorded keys "
+                                       f"include {', '.join(near)}")
+    chosen = [r for r in runs if all(k in r.config and _matches(r.config[k], v) for k, v in where.items())]
+    log.info("--where %s: %d of %d runs kept", " ".join(f"{k}={v}" for k, v in where.items()), len(chosen), len(runs))
+    return chosen
 
 
 @dataclass
