@@ -16,8 +16,8 @@ from fpet.tables import VTAB_TASKS
 
 CONFIGS = ROOT / "configs"
 FAMILIES = {
-    "merge": ["tome", "bsm", "fpet", "avgpool", "maxpool"],
-    "pet": ["repadapter", "bi_lora", "bi_adaptformer", "full", "linear"],
+    "merge": ["tome", "bsm", "fpet", "avgpool", "maxpool", "ltmp", "trpts"],
+    "pet": ["repadapter", "bi_lora", "bi_adaptformer", "full", "linear", "trpts"],
     "dataset": list(VTAB_TASKS),
 }
 
@@ -43,8 +43,8 @@ def sweep_cells(experiment: str, *extra: str) -> list[list[str]]:
     return BasicSweeper.split_arguments(OverridesParser.create().parse_overrides(arguments), None)[0]
 
 
-@pytest.mark.parametrize("experiment, runs", [("vtab1k", 19), ("table1", 190), ("table2", 190), ("table3", 114),
-                                              ("tableA3", 380), ("tableA4", 380)])
+@pytest.mark.parametrize("experiment, runs", [("vtab1k", 19), ("table1", 190), ("table2", 190), ("table3", 133),
+                                              ("tableA3", 380), ("tableA4", 380), ("tableA6", 380), ("trpts", 19)])
 def test_preset_grid_sizes(experiment, runs):
     require("merge", "pet", "dataset")
     assert len(sweep_cells(experiment)) == runs
@@ -61,7 +61,10 @@ def test_every_vtab_task_composes_in_its_group():
     ("table2", None, {(p, m) for p in ("lora", "adaptformer", "repadapter", "bi_lora", "bi_adaptformer")
                       for m in ("none", "fpet")}),
     ("table3", "bi_adaptformer", {("bi_adaptformer", m) for m in
-                                  ("none", "tome", "bsm", "bsm+checkerboard", "fpet+no_stop_grad", "fpet")}),
+                                  ("none", "ltmp", "tome", "bsm", "bsm+checkerboard", "fpet+no_stop_grad", "fpet")}),
+    pytest.param("tableA6", None, {(p, m) for p in ("lora", "adaptformer", "repadapter", "bi_lora", "bi_adaptformer")
+                                   for m in ("none", "ltmp", "tome", "fpet")}, marks=pytest.mark.slow),  # 20 cells, 7 s
+    ("trpts", "trpts", {("trpts", "trpts")}),
     ("tableA3", "adaptformer", {("adaptformer", f"{m}@{layer}" if layer != 6 else m)
                                 for m in ("maxpool", "avgpool", "bsm", "fpet") for layer in (0, 1, 2, 4)} |
      {("adaptformer", m) for m in ("maxpool", "avgpool", "bsm", "fpet")}),

@@ -11,7 +11,7 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from fpet.tables.build import Study, build_study, layer_table, table1, table2, table3
+from fpet.tables.build import Study, build_study, layer_table, table1, table2, table3, tableA6, trpts_table
 from fpet.tables.collect import (VTAB_TASKS, ConflictingRunsError, Method, Run, Stat, Summary, load_runs,
                                  select_runs)
 from fpet.tables.figures import write_figures
@@ -23,6 +23,8 @@ TABLES: dict[str, Callable[[Study], Table]] = {
     "table3": table3,
     "tableA3": partial(layer_table, name="tableA3", pet="adaptformer"),
     "tableA4": partial(layer_table, name="tableA4", pet="bi_adaptformer"),
+    "tableA6": tableA6,
+    "trpts": trpts_table,
 }
 RENDERERS = {"md": to_markdown, "tex": to_latex, "csv": to_csv}
 
@@ -42,7 +44,7 @@ def with_protocol(table: Table, text: str) -> Table:
     at = names.index("source") + 1 if "source" in names else 1
     table.columns.insert(at, Column("protocol", "{}"))
     for row in table.rows:
-        row.insert(at, PAPER_PROTOCOL if "paper" in row[:at] else text)
+        row.insert(at, (table.paper_protocol or PAPER_PROTOCOL) if "paper" in row[:at] else text)
     return table
 
 

@@ -377,7 +377,7 @@ def _table1_row(name: str, source: str, values: tuple, full: Optional[tuple], ba
 
 TABLE3_ROWS = (
     ("w/o merging", "none", "none"),
-    ("LTMP", None, "ltmp"),
+    ("LTMP", "ltmp", "ltmp"),
     ("ToMe", "tome", "tome"),
     ("BSM at layer 6", "bsm", "bsm_layer6"),
     ("+ checkerboard", "bsm+checkerboard", "bsm_layer6_checkerboard"),
@@ -405,8 +405,102 @@ def table3(study: Study, pet: str = "bi_adaptformer") -> Table:
             mem = number(paper["delta_mem_gb"]) if study.memory_key == "peak_mem_mb" else None
             table.rows.append([name, "paper", None, number(paper["delta_acc"]), number(paper["delta_time_ms"]), None,
                                mem, "", ""])
-    table.notes.append(f"Δ: against {pet_label(pet)} without merging (first row). LTMP is not "
-                       f"implemented here (paper row only).")
+    table.notes.append(f"Δ: against {pet_label(pet)} without merging (first row). LTMP at batch sizes above 1 "
+                       f"masks tokens instead of removing them (no time saved), as in the paper.")
+    return table
+
+
+A6_MERGES = ("ltmp", "tome", "fpet")
+"""The token-reduction strategies of Table A6 (their default options: the paper's settings)."""
+
+
+def tableA6(study: Study) -> Table:
+    """Table A6: Average accuracy change (points) of LTMP, ToMe and FPET against the same PET method without
+    merging, for the PET methods of Table 2 (and any other found with one of them)."""
+    columns = [Column("method"), Column("source"), Column("w/o merging", "{:.2f}"),
+               *[Column(f"Δ {merge_label(m)}", "{:+.2f}") for m in A6_MERGES], Column("tasks"), CONFIG]
+    table = Table("tableA6", "Table A6: accuracy change (Average, points) of token reduction against no merging",
+                  columns, notes=study.notes())
+    found = sorted({k[0] for k in study.summaries if k[1] in A6_MERGES} - set(PAPER_PETS), key=_pet_rank)
+    for pet in (PAPER_PETS if study.paper else ()) + tuple(found):
+        cells = [study.get(pet, v) for v in ("none", *A6_MERGES)]
+        base = cells[0].average if cells[0] else None
+        labels = dict.fromkeys(x for v in ("none", *A6_MERGES) if (x := study.config_label(pet, v)) is not None)
+        table.rows.append([pet_label(pet), "ours", base, *[diff(s.average if s else None, base) for s in cells[1:]],
+                           "/".join(str(len(s.tasks) if s else 0) for s in cells) + f" of {len(study.tasks)}",
+                           " / ".join(labels) or None])
+        reported = [paper_row("misc", table="A6", row=pet, metric=f"delta_acc_{m}") for m in A6_MERGES]
+        if study.paper and any(reported):
+            average = paper_row("table2", method=pet)
+            table.rows.append([pet_label(pet), "paper", number(average["average"]) if average else None,
+                               *[number(r["value"]) if r else None for r in reported], "", ""])
+    table.notes.append("Δ: Average of the method with the strategy minus its Average without merging (first "
+                       "number column); tasks: w/o merging / " + " / ".join(merge_label(m) for m in A6_MERGES) +
+                       ". Strategies at their defaults: LTMP every block (FLOPs target 0.75), ToMe 8 tokens at each "
+                       "of 12 layers, FPET at layer 6. paper: Table A6; its w/o merging is Table 2's Average.")
+    return table
+
+
+TRPTS_ROWS = (("full", "none", "Full fine-tuning", "full"), ("lora", "none", "LoRA", "lora"),
+              ("gps", "none", "GPS", "gps"), ("trpts", "none", "TR-PTS parameter selection only", None),
+              ("trpts", "trpts", "TR-PTS (parameter + token selection)", "trpts"))
+"""(pet, variant, label, the row of reference/paper/trpts_vtab_accuracy.csv or None) of the TR-PTS table."""
+TRPTS_PROTOCOL = "reported by TR-PTS (no code published; protocol not stated)"
+
+
+def _trpts_paper(method: str, study: Study) -> Optional[list]:
+    """A TR-PTS paper row's numbers: params %, its stated 19-task mean, and (only when all 19 tasks are given) the
+    mean of the group means, the group means and the tasks."""
+    row = paper_row("trpts", method=method)
+    if row is None:
+        return None
+    accs = {t: number(row.get(t)) for t in study.tasks}
+    complete = all(v is not None for v in accs.values())
+    means = [statistics.fmean(accs[t] for t in study.groups[g]) if complete else None for g in study.groups]
+    return [None, number(row["params_percent"]), number(row["mean_19"]),
+            statistics.fmean(means) if complete else None, *means, *accs.values()]
+
+
+def trpts_table(study: Study) -> Table:
+    """TR-PTS on VTAB-1K with both averages: the flat mean of the 19 tasks (what TR-PTS reports) and the mean of the
+    three group means (the Average of the FPET paper), beside TR-PTS's reported numbers."""
+    groups = list(study.groups)
+    columns = [Column("method"), Column("source"), Column("params (M)", "{:.2f}"), Column("params (%)", "{:.2f}"),
+               Column("Mean of tasks (TR-PTS)", "{:.2f}"), Column("Average = mean of group means (FPET)", "{:.2f}"),
+               *[Column(f"{g.capitalize()} (mean)") for g in groups], *[Column(t) for t in study.tasks],
+               Column("tasks"), CONFIG]
+    table = Table("trpts", "TR-PTS: top-1 accuracy (%), the mean of the tasks and the mean of the group means",
+                  columns, notes=study.notes(), paper_protocol=TRPTS_PROTOCOL)
+    extra = sorted((k for k in study.summaries if k not in {r[:2] for r in TRPTS_ROWS} and
+                    (k[0] in ("trpts", "gps") or k[1].startswith(("trpts", "evit")))),
+                   key=lambda k: (_pet_rank(k[0]), k[1]))
+    rows = [r for r in TRPTS_ROWS if r[:2] in study.summaries or (study.paper and r[3])]
+    for pet, variant, name, paper_name in rows + [(*k, label(*k), None) for k in extra]:
+        s = study.get(pet, variant)
+        params = None
+        if s and s.efficiency.get("params_pet") is not None:
+            params = (s.efficiency["params_pet"] + (s.efficiency.get("params_merge") or 0)) / 1e6
+        table.rows.append([name, "ours", params, None, s.flat if s else None,
+                           s.average if s else None, *[s.groups.get(g) if s else None for g in groups],
+                           *[s.tasks.get(t) if s else None for t in study.tasks], _n_tasks(study, s),
+                           study.config_label(pet, variant)])
+        paper = _trpts_paper(paper_name, study) if study.paper and paper_name else None
+        if paper:
+            table.rows.append([name, "paper", *paper, "", ""])
+    sizes = " / ".join(f"{len(tasks)} {g}" for g, tasks in study.groups.items())
+    table.notes.append(f"Mean of tasks: the plain mean of the {len(study.tasks)} tasks, the VTAB-1K number TR-PTS "
+                       f"reports; Average: the mean of the group means ({sizes} tasks), the FPET paper's (Table 2). "
+                       f"The two differ for the same runs: the groups weigh their tasks differently.")
+    full = paper_row("table2", method="full") if study.paper else None
+    if full:
+        accs = [number(full[t]) for t in VTAB_TASKS]
+        table.notes.append(f"paper: TR-PTS's reported numbers (reference/paper/trpts_vtab_accuracy.csv): the 19-task "
+                           f"mean and the % of parameters tuned (selected entries, biases and head over ViT-B/16 and "
+                           f"the head); no group means or per-task values were available. Its full fine-tuning "
+                           f"{number(paper_row('trpts', method='full')['mean_19']):.2f} is the 19-task mean "
+                           f"({statistics.fmean(accs):.2f}) of the row whose mean of group means the FPET paper "
+                           f"reports as {number(full['average'])}.")
+    table.notes.append("params (M): ours, trainable parameters without the head (PET + merge), as Table 2.")
     return table
 
 

@@ -404,6 +404,9 @@ class Summary:
     tasks: dict[str, Stat] = field(default_factory=dict)
     groups: dict[str, Optional[Stat]] = field(default_factory=dict)
     average: Optional[Stat] = None
+    """VTAB-1K's Average as the FPET paper reports it: the mean of the group means."""
+    flat: Optional[Stat] = None
+    """The mean of all the table's tasks (TR-PTS reports this one for VTAB-1K)."""
     efficiency: dict[str, Optional[float]] = field(default_factory=dict)
     runs: int = 0
 
@@ -443,6 +446,7 @@ def summarize(key: tuple[str, str], runs: list[Run], groups: dict[str, list[str]
             if all(m is not None for m in means):
                 per_seed.append(statistics.fmean(means))
         summary.average = Stat(mean, statistics.stdev(per_seed) if len(per_seed) > 1 else None, len(per_seed))
+    summary.flat = _group_stat(acc, [t for tasks in groups.values() for t in tasks], seeds)
     for key in EFFICIENCY_KEYS:
         values = [r.efficiency[key] for r in runs if r.efficiency.get(key) is not None]
         summary.efficiency[key] = statistics.fmean(values) if values else None

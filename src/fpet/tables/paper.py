@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Optional
 
 PAPER_DIR = Path(__file__).resolve().parents[3] / "reference" / "paper"
-"""CSV transcriptions of the paper's tables (Tables 1, 2, 3, A3, A4, ...)."""
+"""CSV transcriptions of the paper's tables (Tables 1, 2, 3, A3, A4, the others in table_misc.csv) and of TR-PTS's
+reported numbers (trpts_*.csv)."""
 
 FILES = {
     "table1": "table1_efficiency.csv",
@@ -15,6 +16,9 @@ FILES = {
     "table3": "table3_token_reduction_ablation.csv",
     "tableA3": "tableA3_layer_tradeoff_adaptformer.csv",
     "tableA4": "tableA4_layer_tradeoff_bi_adaptformer.csv",
+    "misc": "table_misc.csv",
+    "trpts": "trpts_vtab_accuracy.csv",
+    "trpts_ablations": "trpts_ablations.csv",
 }
 
 
@@ -34,7 +38,7 @@ def _rows(table: str, paper_dir: str) -> tuple[dict[str, str], ...]:
         return tuple(csv.DictReader(f))
 
 
-def paper_row(table: str, paper_dir: str | Path = PAPER_DIR, **match: str) -> Optional[dict[str, str]]:
+def paper_row(table: str, /, paper_dir: str | Path = PAPER_DIR, **match: str) -> Optional[dict[str, str]]:
     """The row of paper table `table` whose columns equal `match` (e.g. `method="fpet_lora"`), or None."""
     for row in _rows(table, str(paper_dir)):
         if all(row.get(k) == v for k, v in match.items()):

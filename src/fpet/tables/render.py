@@ -5,7 +5,7 @@ import csv
 import io
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Optional
 
 from fpet.tables.collect import Stat
 
@@ -27,6 +27,8 @@ class Table:
     columns: list[Column]
     rows: list[list[Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    paper_protocol: Optional[str] = None
+    """What the `paper` rows' accuracy is, when not the FPET paper's protocol (fpet.tables.with_protocol)."""
 
     def column(self, name: str) -> list[Any]:
         """The cells of column `name`, top to bottom."""
