@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from fpet.tables import ConflictingRunsError, make_tables  # noqa: E402
+from fpet.tables import RunFilterError, make_tables  # noqa: E402
 from fpet.tables.build import ACC_PROTOCOLS, protocol_text  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> None:
     for item in args.where:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise ConflictingRunsError(f"--where {item!r}: expected KEY=VALUE, e.g. --where train.epochs=100")
+            raise RunFilterError(f"--where {item!r}: expected KEY=VALUE, e.g. --where train.epochs=100")
         where[key.strip()] = value
     study, written = make_tables(args.results_dir, out, args.acc, args.protocol, args.backbone,
                                  figures=not args.no_figures, allow_mixed_sources=args.mix_sources, where=where)

@@ -12,7 +12,7 @@ import pytest
 
 from fake_vtab import load_script
 from fpet.results import RESULT_KEYS
-from fpet.tables import VTAB_TASKS, ConflictingRunsError, build_study, load_runs, make_tables
+from fpet.tables import VTAB_TASKS, ConflictingRunsError, RunFilterError, build_study, load_runs, make_tables
 from fpet.tables.build import table1, table2, table3
 from fpet.tables.render import Stat, to_latex
 
@@ -193,7 +193,7 @@ def test_runs_of_one_cell_with_different_configs_are_refused_and_named(tmp_path)
     row = ours(read_csv(tmp_path / "out" / "table2.csv"), "LoRA")
     notes = (tmp_path / "out" / "table2.md").read_text()
     assert row["config"].startswith("c") and f"config {row['config']}: train.epochs=6." in notes  # 100 by default
-    with pytest.raises(ConflictingRunsError, match="train.epochs"):
+    with pytest.raises(RunFilterError, match="train.epochs"):
         make_tables(res, tmp_path / "out", figures=False, where={"train.epoch": "6"})  # a typo: the nearest key
     load_script("make_tables").main([str(res), "--acc", "acc", "--no-figures", "--where", "train.epochs=2"])
     assert float(ours(read_csv(res / "tables" / "table2.csv"), "LoRA")["cifar100"]) == 49.8

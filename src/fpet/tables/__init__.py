@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from fpet.tables.build import Study, build_study, layer_table, table1, table2, table3, tableA6, trpts_table
-from fpet.tables.collect import (VTAB_TASKS, ConflictingRunsError, Method, Run, Stat, Summary, load_runs,
-                                 select_runs)
+from fpet.tables.collect import (VTAB_TASKS, ConflictingRunsError, Method, Run, RunFilterError, Stat, Summary,
+                                 load_runs, select_runs)
 from fpet.tables.figures import write_figures
 from fpet.tables.render import Column, Table, to_csv, to_latex, to_markdown
 
@@ -128,5 +128,5 @@ def make_tables(results_dir: str | Path, out_dir: Optional[str | Path] = None, a
     return study, written
 
 
-__all__ = ["ConflictingRunsError", "REPORTS", "build_tables", "side_by_side", "with_protocol", "Column", "Method", "Run", "Stat", "Study", "Summary", "TABLES", "Table", "VTAB_TASKS", "build_study",
+__all__ = ["ConflictingRunsError", "REPORTS", "RunFilterError", "build_tables", "side_by_side", "with_protocol", "Column", "Method", "Run", "Stat", "Study", "Summary", "TABLES", "Table", "VTAB_TASKS", "build_study",
            "load_runs", "make_tables", "to_csv", "to_latex", "to_markdown", "write_figures", "write_tables"]

@@ -111,8 +111,9 @@ class Study:
         notes.append(f"Protocol: {protocol_text(self)}; data: {data_text(self)}.")
         notes += [f"MIXED DATA (allowed by --mix-sources): {m}" for m in self.mixed_sources]
         if self.duplicates:
-            notes.append(f"{len(self.duplicates)} cells held several runs of the same config: the latest is used "
-                         f"(make_tables names them).")
+            cells = f"{len(self.duplicates)} cell" + ("s" if len(self.duplicates) > 1 else "")
+            notes.append(f"{cells} held several runs of the same config: the latest is used (make_tables names "
+                         f"them).")
         return notes
 
 

@@ -230,6 +230,10 @@ class ConflictingRunsError(UserError, ValueError):
     """Runs of one table cell (method, task, seed) differ in config; refused rather than one picked silently."""
 
 
+class RunFilterError(UserError, ValueError):
+    """A `--where KEY=VALUE` filter that is malformed or names a key no run records."""
+
+
 @lru_cache(maxsize=None)
 def _composed(overrides: tuple[str, ...]) -> Any:
     from fpet.config import compose_config
@@ -389,7 +393,7 @@ def select_runs(runs: list[Run], where: dict[str, str]) -> list[Run]:
     for key in where:
         if key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=3) or sorted(known)[:5]
-            raise ConflictingRunsError(f"--where {key}=...: no run records {key!r} in its config; recorded keys "
+            raise RunFilterError(f"--where {key}=...: no run records {key!r} in its config; recorded keys "
                                        f"include {', '.join(near)}")
     chosen = [r for r in runs if all(k in r.config and _matches(r.config[k], v) for k, v in where.items())]
     log.info("--where %s: %d of %d runs kept", " ".join(f"{k}={v}" for k, v in where.items()), len(chosen), len(runs))
