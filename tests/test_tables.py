@@ -360,3 +360,24 @@ def test_reference_numbers_agree_with_each_other():
                       ("bi_adaptformer", "tableA4_layer_tradeoff_bi_adaptformer.csv")):
         layer = {(r["layer"], r["method"]): float(r["acc"]) for r in paper_csv(name)}
         assert a6[(pet, "delta_acc_fpet")] == pytest.approx(layer[("6", "fpet")] - layer[("none", "none")])
+
+
+def test_trpts_ablation_rows_beside_the_reported_ones(tmp_path):
+    res = tmp_path / "res"
+    for task, acc in (("dsprites_loc", 80.0), ("sun397", 50.0)):
+        write_run(res, task, "trpts", "none", acc=acc)                                   # parameter selection only
+        write_run(res, task, "linear", "trpts", acc=acc - 60.0, layer=[3, 6, 9])         # token selection only
+        write_run(res, task, "trpts", "trpts", acc=acc + 2.0)
+    make_tables(res, tmp_path / "out", acc_key="acc", figures=False)
+    rows = {(r["ablation"], r["method"].split(":")[0], r["source"]): r
+            for r in read_csv(tmp_path / "out" / "trpts_ablation.csv")}
+    assert float(rows[("components", "parameter selection only", "ours")]["dsprites_loc"]) == 80.0
+    token = next(r for r in read_csv(tmp_path / "out" / "trpts_ablation.csv")
+                 if r["method"].startswith("token selection only") and r["source"] == "ours")
+    assert float(token["sun397"]) == 50.0 - 60.0 and "trpts@" in token["method"]
+    assert float(rows[("placement", "token selection at the parameter-sparse blocks (TR-PTS)", "ours")]["sun397"]) \
+        == 52.0 and rows[("components", "both (TR-PTS)", "ours")]["oxford_flowers102"] == ""
+    reported = {(r["ablation"], r["row"]): r for r in paper_csv("trpts_ablations.csv")}
+    assert float(rows[("components", "both (TR-PTS)", "paper")]["oxford_flowers102"]) == \
+        float(reported[("components", "both")]["oxford_flowers102"])
+    assert ("placement", "token selection at random blocks", "ours") not in rows      # not implemented: paper only

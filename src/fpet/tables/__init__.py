@@ -11,7 +11,8 @@ from functools import partial
 from pathlib import Path
 from typing import Callable, Optional
 
-from fpet.tables.build import Study, build_study, layer_table, table1, table2, table3, tableA6, trpts_table
+from fpet.tables.build import (Study, build_study, layer_table, table1, table2, table3, tableA6, trpts_ablation,
+                               trpts_table)
 from fpet.tables.collect import (VTAB_TASKS, ConflictingRunsError, Method, Run, RunFilterError, Stat, Summary,
                                  load_runs, select_runs)
 from fpet.tables.figures import write_figures
@@ -25,6 +26,7 @@ TABLES: dict[str, Callable[[Study], Table]] = {
     "tableA4": partial(layer_table, name="tableA4", pet="bi_adaptformer"),
     "tableA6": tableA6,
     "trpts": trpts_table,
+    "trpts_ablation": trpts_ablation,
 }
 RENDERERS = {"md": to_markdown, "tex": to_latex, "csv": to_csv}
 

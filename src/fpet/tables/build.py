@@ -505,6 +505,43 @@ def trpts_table(study: Study) -> Table:
     return table
 
 
+TRPTS_ABLATION_ROWS = (
+    ("components", "none", "neither (linear probing)", ("linear", "none")),
+    ("components", "token", "token selection only", ("linear", "trpts")),
+    ("components", "param", "parameter selection only", ("trpts", "none")),
+    ("components", "both", "both (TR-PTS)", ("trpts", "trpts")),
+    ("placement", "dense", "token selection at the parameter-dense blocks", None),
+    ("placement", "random", "token selection at random blocks", None),
+    ("placement", "sparse", "token selection at the parameter-sparse blocks (TR-PTS)", ("trpts", "trpts")),
+)
+"""(ablation, row of reference/paper/trpts_ablations.csv, label, our (pet, variant prefix) or None) of TR-PTS's
+ablations; the token-only row is pet=linear with merge=trpts at explicit blocks (any `merge.layer`)."""
+TRPTS_ABLATION_TASKS = ("dsprites_loc", "oxford_flowers102", "sun397", "patch_camelyon")
+
+
+def trpts_ablation(study: Study) -> Table:
+    """TR-PTS's component and placement ablations on the tasks it reports, ours beside its reported values."""
+    tasks = [t for t in TRPTS_ABLATION_TASKS if t in study.tasks]
+    columns = [Column("ablation", "{}"), Column("method"), Column("source"), *[Column(t) for t in tasks], CONFIG]
+    table = Table("trpts_ablation", "TR-PTS ablations: top-1 accuracy (%) on the tasks it reports", columns,
+                  notes=study.notes(), paper_protocol=TRPTS_PROTOCOL)
+    for ablation, row, name, ours in TRPTS_ABLATION_ROWS:
+        key = None
+        if ours is not None:
+            key = next((k for k in sorted(study.summaries) if k[0] == ours[0] and
+                        (k[1] == ours[1] or ours[1] != "none" and k[1].startswith(ours[1] + "@"))), ours)
+            s = study.get(*key)
+            table.rows.append([ablation, name if key[1] in ("none", "trpts") else f"{name}: {key[1]}", "ours",
+                               *[s.tasks.get(t) if s else None for t in tasks], study.config_label(*key)])
+        paper = paper_row("trpts_ablations", ablation=ablation, row=row) if study.paper else None
+        if paper:
+            table.rows.append([ablation, name, "paper", *[number(paper[t]) for t in tasks], ""])
+    table.notes.append("Placement: token selection (keep 0.95) at the blocks with the most, random or fewest selected "
+                       "parameters; only the last (sparse insertion, merge.layer=null) is implemented here. "
+                       "paper: reference/paper/trpts_ablations.csv.")
+    return table
+
+
 LAYERS = (6, 4, 2, 1, 0)
 LAYER_MERGES = ("maxpool", "avgpool", "bsm", "fpet")
 
