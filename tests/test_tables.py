@@ -219,6 +219,7 @@ def test_rows_name_the_config_their_runs_used(tmp_path):
     write_vtab(res, "adaptformer", config={"train": {"epochs": 6}, "dataset": {"normalize": "imagenet"}})
     write_run(res, "dtd", "bi_lora", acc=50.0, config={"train": {"epochs": 6}})
     write_run(res, "svhn", "bi_lora", acc=50.0, config={"train": {"epochs": 2}})
+    write_run(res, "svhn", "mystery_pet", acc=50.0, config={"train": {"epochs": 100}})   # no configs/pet/ file here
     make_tables(res, tmp_path / "out", figures=False)
     for name in ("table1", "table2"):
         rows = read_csv(tmp_path / "out" / f"{name}.csv")
@@ -228,6 +229,7 @@ def test_rows_name_the_config_their_runs_used(tmp_path):
         assert f"config {label}: dataset.normalize=imagenet, train.epochs=6." in notes
         assert f"config {ours(rows, 'Bi-LoRA')['config']}: train.epochs=6|2." in notes
         assert next(r for r in rows if r["source"] == "paper")["config"] == ""
+        assert ours(rows, "mystery_pet")["config"] == "defaults unknown (not in this checkout)"
 
 
 def test_latex_escapes_and_gaps(tmp_path):

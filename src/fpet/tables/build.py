@@ -127,7 +127,10 @@ def row_config(runs: list[Run]) -> str:
     (`key=a|b` where its runs differ); '' when none; `not recorded` when no run recorded its config."""
     if runs and not any(r.config for r in runs):
         return "not recorded"
-    keys = sorted({k for r in runs for k in non_default(r)})
+    changed = [non_default(r) for r in runs]
+    if any(c is None for c in changed):
+        return "defaults unknown (not in this checkout)"
+    keys = sorted({k for c in changed for k in c})
     parts = []
     for key in keys:
         values = list(dict.fromkeys("null" if r.config.get(key) is None else str(r.config.get(key)) for r in runs
@@ -137,11 +140,11 @@ def row_config(runs: list[Run]) -> str:
 
 
 def config_label(text: str) -> str:
-    """`default` for '', the text itself for `not recorded`, else `c` + 4 hex digits of its hash (stable across
+    """`default` for '', the text itself for `not recorded` / `defaults unknown ...`, else `c` + 4 hex digits of its hash (stable across
     tables and protocols)."""
     import hashlib
 
-    if text in ("", "not recorded"):
+    if text in ("", "not recorded") or text.startswith("defaults unknown"):
         return text or "default"
     return "c" + hashlib.sha1(text.encode()).hexdigest()[:4]
 

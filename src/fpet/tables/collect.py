@@ -286,10 +286,12 @@ def default_config(**options: Optional[str]) -> Any:
 def default_fingerprint(backbone: str, pet: str, merge: str, task: str) -> tuple[tuple[tuple[str, Any], ...],
                                                                                    frozenset[str]]:
     """This checkout's default run fingerprint of `backbone=.. pet=.. merge=.. dataset=..` (dotted keys; the
-    dataset group is left out for a task without a config) and its location keys (paths, not config)."""
+    dataset group is left out for a task without a config; empty for a method or strategy this checkout lacks) and
+    its location keys (paths, not config)."""
     cfg = default_config(backbone=backbone, pet=pet, merge=merge)
     if cfg is None:
-        return (), frozenset()
+        known = default_config(backbone=backbone) or default_config()
+        return (), frozenset(location_keys(OmegaConf.to_container(known, resolve=False)))
     data = group_node("dataset", task)
     if data is not None:
         cfg.dataset = data
@@ -320,10 +322,13 @@ def run_config_differences(a: Run, b: Run) -> list[str]:
             if k not in CELL_KEYS and k not in locations]
 
 
-def non_default(run: Run) -> dict[str, Any]:
+def non_default(run: Run) -> Optional[dict[str, Any]]:
     """The recorded fingerprint keys of `run` whose values differ from this checkout's defaults for its backbone,
-    method, merge strategy and task (merge options are in the row name; cell keys and locations left out)."""
+    method, merge strategy and task (merge options are in the row name; cell keys and locations left out); None
+    when this checkout has no defaults for them (a method or strategy it lacks)."""
     defaults, locations = _defaults_of(run)
+    if not defaults:
+        return None
     out = {}
     for key, value in run.config.items():
         shown = repr(value) if isinstance(value, (list, dict)) else value
