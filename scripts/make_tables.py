@@ -4,11 +4,11 @@
     python scripts/make_tables.py outputs --out paper_tables --acc acc   # final-epoch accuracy instead
 
 Writes table1, table2, table3, tableA3, tableA4, tableA6, trpts (TR-PTS: the 19-task mean and the mean of the
-group means) and trpts_ablation as .md, .tex and .csv (plus tables.md with all of them) and fig1.png, fig3.png, figA1.png (figures
-without data are skipped). Missing runs are empty cells, never zeros; the paper's values sit in the row below ours
-("source" column) when the results are ViT-B/16 on VTAB-1K. Runs of one cell (method, task, seed) with different
-configs stop the script, named with the differing keys, until --where KEY=VALUE keeps one config; the `config`
-column says which config each row used.
+group means) and trpts_ablation as .md, .tex and .csv (plus tables.md with all of them) and fig1.png, fig3.png,
+figA1.png (figures without data are skipped). Missing runs are empty cells, never zeros; the paper's values sit in
+the row below ours ("source" column) when the results are ViT-B/16 on VTAB-1K. Runs of one cell (method, task,
+seed) with different configs stop the script, named with the differing keys, until --where KEY=VALUE keeps one
+config; the `config` column says which config each row used.
 """
 import argparse
 import logging

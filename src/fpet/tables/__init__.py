@@ -130,5 +130,7 @@ def make_tables(results_dir: str | Path, out_dir: Optional[str | Path] = None, a
     return study, written
 
 
-__all__ = ["ConflictingRunsError", "REPORTS", "RunFilterError", "build_tables", "side_by_side", "with_protocol", "Column", "Method", "Run", "Stat", "Study", "Summary", "TABLES", "Table", "VTAB_TASKS", "build_study",
-           "load_runs", "make_tables", "to_csv", "to_latex", "to_markdown", "write_figures", "write_tables"]
+__all__ = ["ConflictingRunsError", "REPORTS", "RunFilterError", "build_tables", "side_by_side", "with_protocol",
+           "Column", "Method", "Run", "Stat", "Study", "Summary", "TABLES", "Table", "VTAB_TASKS", "build_study",
+           "load_runs", "make_tables", "select_runs", "to_csv", "to_latex", "to_markdown", "write_figures",
+           "write_tables"]

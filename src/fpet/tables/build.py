@@ -140,8 +140,8 @@ def row_config(runs: list[Run]) -> str:
 
 
 def config_label(text: str) -> str:
-    """`default` for '', the text itself for `not recorded` / `defaults unknown ...`, else `c` + 4 hex digits of its hash (stable across
-    tables and protocols)."""
+    """`default` for '', the text itself for `not recorded` / `defaults unknown ...`, else `c` + 4 hex digits of its
+    hash (stable across tables and protocols)."""
     import hashlib
 
     if text in ("", "not recorded") or text.startswith("defaults unknown"):

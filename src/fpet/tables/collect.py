@@ -399,7 +399,7 @@ def select_runs(runs: list[Run], where: dict[str, str]) -> list[Run]:
         if key not in known:
             near = difflib.get_close_matches(key, sorted(known), n=3) or sorted(known)[:5]
             raise RunFilterError(f"--where {key}=...: no run records {key!r} in its config; recorded keys "
-                                       f"include {', '.join(near)}")
+                                 f"include {', '.join(near)}")
     chosen = [r for r in runs if all(k in r.config and _matches(r.config[k], v) for k, v in where.items())]
     log.info("--where %s: %d of %d runs kept", " ".join(f"{k}={v}" for k, v in where.items()), len(chosen), len(runs))
     return chosen
