@@ -289,7 +289,7 @@ def test_tableA6_gives_the_change_of_the_average_beside_the_papers(tmp_path):
     base = task_accuracies(0.0)
     ltmp = {t: a - (1.0 if VTAB_TASKS[t] == "structured" else 0.0) for t, a in base.items()}  # 8 tasks -1
     write_tasks(res, "lora", "none", base)
-    write_tasks(res, "lora", "ltmp", ltmp)
+    write_tasks(res, "lora", "ltmp", ltmp, config={"train": {"batch_size": 1}})
     write_tasks(res, "lora", "fpet", {t: a - 0.3 for t, a in base.items()}, layer=6)
     make_tables(res, tmp_path / "out", acc_key="acc", figures=False)
     rows = read_csv(tmp_path / "out" / "tableA6.csv")
@@ -298,7 +298,9 @@ def test_tableA6_gives_the_change_of_the_average_beside_the_papers(tmp_path):
     assert float(row["Δ LTMP"]) == pytest.approx(mean_of_group_means(ltmp) - mean_of_group_means(base))
     assert float(row["Δ LTMP"]) == pytest.approx(-1 / 3)           # the structured group mean drops by 1
     assert float(row["Δ FPET"]) == pytest.approx(-0.3) and row["Δ ToMe"] == ""    # ToMe not run: a gap
-    assert row["tasks"] == "19/19/0/19 of 19" and row["config"] == "default"
+    assert row["tasks"] == "19/19/0/19 of 19" and row["config"].startswith("default / c")   # none, fpet / ltmp
+    label = row["config"].split(" / ")[1]
+    assert f"config {label}: train.batch_size=1." in (tmp_path / "out" / "tableA6.md").read_text()
     reported = {(r["row"], r["metric"]): float(r["value"]) for r in paper_csv("table_misc.csv") if r["table"] == "A6"}
     table2 = {r["method"]: float(r["average"]) for r in paper_csv("table2_vtab_accuracy.csv")}
     for pet, label in (("repadapter", "RepAdapter"), ("lora", "LoRA"), ("bi_adaptformer", "Bi-AdaptFormer")):

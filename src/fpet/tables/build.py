@@ -153,7 +153,7 @@ def config_notes(table: Table, study: Study) -> None:
     """Append the `config` column's explanation and a definition of each `c…` label the table shows."""
     if "config" not in [c.name for c in table.columns]:
         return
-    shown = set(table.column("config"))
+    shown = {label for cell in table.column("config") if cell for label in str(cell).split(" / ")}
     table.notes.append(CONFIG_NOTE + ".")
     for text in sorted(set(study.configs.values())):
         if config_label(text) in shown and config_label(text).startswith("c"):
