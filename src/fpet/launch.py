@@ -48,6 +48,7 @@ def log_file_in(folder: Path) -> Iterator[None]:
     if not handlers:
         yield
         return
+    folder.mkdir(parents=True, exist_ok=True)  # the run goes ahead: its folder may not exist yet (no Hydra job)
     moved = logging.FileHandler(folder / "train.log", delay=True)
     moved.setFormatter(handlers[0].formatter)
     moved.setLevel(handlers[0].level)
