@@ -8,6 +8,7 @@ from fpet.merge.bipartite import (BSM, BipartiteSoftMatching, ToMe, bipartite_so
                                   stripe_split)
 from fpet.merge.fpet import FPETMerge, bipartite_differentiable_matching
 from fpet.merge.ltmp import LTMP
+from fpet.merge.pitome import PiToMe
 from fpet.merge.pool import AvgPool, MaxPool, NeighbourPool
 from fpet.merge.schedule import (Geometry, MergeConfigError, build_merges, geometry, merge_layers, merge_problems,
                                  strategy_class)
@@ -21,13 +22,14 @@ MERGE_STRATEGIES: dict[str, type[TokenMerge]] = {cls.name: cls for cls in (
     AvgPool,
     MaxPool,
     LTMP,
+    PiToMe,
     TRPTSSelect,
     EViTSelect,
 )}
 """`merge=<name>` -> the strategy class; one line per strategy."""
 
 __all__ = [
-    "AvgPool", "BSM", "LTMP", "BipartiteSoftMatching", "ClassAttentionSelect", "EViTSelect", "TRPTSSelect",
+    "AvgPool", "BSM", "LTMP", "PiToMe", "BipartiteSoftMatching", "ClassAttentionSelect", "EViTSelect", "TRPTSSelect",
     "set_train_progress", "FPETMerge", "Geometry", "MERGE_STRATEGIES", "MaxPool",
     "MergeConfigError", "NeighbourPool", "NoMerge", "Reduce", "ToMe", "TokenMerge", "bipartite_differentiable_matching",
     "bipartite_soft_matching", "build_merges", "checkerboard_split", "geometry", "merge_layers", "merge_problems",
