@@ -146,3 +146,15 @@ def test_a_run_directory_keeps_the_searched_schedule_and_a_resume_reuses_it(make
 def test_bad_diffrate_configs(make_cfg, overrides, message):
     with pytest.raises(ConfigError, match=message):
         validate_config(make_cfg("merge=diffrate", *overrides))
+
+
+@pytest.mark.slow
+def test_a_run_searches_once_trains_and_writes_the_schedule_into_its_directory(make_cfg, tmp_path):
+    from fpet.train import run
+
+    cfg = make_cfg(*SEARCH[:-1], "merge.search.steps=2", "merge.search.target_gflops=0.1", "dataset=synthetic",
+                   "bench.latency=false", "bench.train=false", "train.save_task=true")
+    results = run(cfg, tmp_path / "run")
+    stored = json.loads((tmp_path / "run" / SCHEDULE_NAME).read_text())
+    assert results["merge"] == "diffrate" and stored["steps"] == 2
+    assert results["tokens_out"] == min(stored["prune_kept"] + stored["merge_kept"])  # counts only ever fall
