@@ -310,12 +310,12 @@ class DiffRateSearch(TokenMerge):
         return state.replace(x=x, size=size, mask=mask, source=source)
 
 
-def search_flops(proxies: dict[int, DiffRateSearch], geo: Geometry, patch_size: int, num_classes: int) -> Tensor:
+def search_flops(proxies: dict[int, DiffRateSearch], geo: Geometry, patch_size: int, num_classes: int,
+                 device: torch.device | str = "cpu") -> Tensor:
     """The official differentiable FLOPs count (multiply-adds) of one image: per block `4 N C^2 + 2 N^2 C` (attention)
     and `8 N' C^2` (MLP) with `N' = min(N, P_l, M_l)` (straight-through), plus patch embedding and head."""
     C = geo.embed_dim
     extra = geo.num_prefix - 1  # prefix tokens beside the class token (prompts) are never removed
-    device = next(iter(proxies.values())).prune.logits.device
     N = torch.tensor(float(geo.num_prefix + geo.num_patches), device=device)
     flops = N * C * patch_size * patch_size * 3 + C * num_classes
     for layer in range(geo.depth):
@@ -360,8 +360,11 @@ def search_schedule(model: nn.Module, cfg: DictConfig, layers: list[int],
     search = cfg.merge.search
     geo = geometry(model.vit)
     patch_size = int(cfg.backbone.img_size) // geo.grid[0]
-    work = copy.deepcopy(model).to(device).train()
+    work = copy.deepcopy(model).train()
     proxies = {layer: DiffRateSearch(geo.num_patches, int(search.granularity)) for layer in layers if layer != 0}
+    full = 1 + geo.num_patches
+    if not proxies:  # block 0 only: never compressed
+        return {"prune_kept": [full] * len(layers), "merge_kept": [full] * len(layers), "gflops": None, "steps": 0}
     work.place_merges(proxies)
     work.to(device)
     arch = [p for m in proxies.values() for p in m.parameters()]
@@ -376,22 +379,20 @@ def search_schedule(model: nn.Module, cfg: DictConfig, layers: list[int],
     num_classes = int(cfg.dataset.num_classes)
     steps = int(search.steps)
     stream = batches()
-    flops = search_flops(proxies, geo, patch_size, num_classes)
     for step in range(steps):
         cosine = 0.5 * (1 + math.cos(math.pi * step / steps))
         optimizer.param_groups[0]["lr"] = float(search.arch_min_lr) + (float(search.arch_lr) -
                                                                       float(search.arch_min_lr)) * cosine
         images, labels = next(stream)
         images, labels = images.to(device), labels.to(device)
-        flops = search_flops(proxies, geo, patch_size, num_classes)
+        flops = search_flops(proxies, geo, patch_size, num_classes, device)
         loss = F.cross_entropy(work(images), labels) + float(search.flops_weight) * (
             flops / 1e9 - float(search.target_gflops)) ** 2
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
     with torch.no_grad():
-        flops = search_flops(proxies, geo, patch_size, num_classes)
-    full = 1 + geo.num_patches
+        flops = search_flops(proxies, geo, patch_size, num_classes, device)
     prune = [full if layer == 0 else int(proxies[layer].prune.kept()) for layer in layers]
     merge = [full if layer == 0 else int(proxies[layer].merge.kept()) for layer in layers]
     log.info("DiffRate search (%d steps): prune_kept %s, merge_kept %s, %.3f GFLOPs (target %s)", steps, prune, merge,
