@@ -12,13 +12,17 @@ from fpet.pipeline import session_from_overrides
 from fpet.validate import ConfigError
 
 
+TINY_SCHEDULES = {"diffrate": ["merge.prune_kept=[150]", "merge.merge_kept=[100]"]}
+"""Per-block schedules of strategies whose defaults name 12 blocks, for the one merge block of the tiny backbone."""
+
+
 def tiny_inference_model(merge: str, pet: str = "lora") -> torch.nn.Module:
     base = [*TINY, "device=cpu", f"pet={pet}", f"merge={merge}"]
     try:
         session = session_from_overrides(base)
     except ConfigError:  # default blocks beyond the 2 tiny blocks (EViT 3/6/9) or read from a selection (TR-PTS)
         try:
-            session = session_from_overrides([*base, "merge.layer=[1]"])
+            session = session_from_overrides([*base, "merge.layer=[1]", *TINY_SCHEDULES.get(merge, [])])
         except ConfigError as err:
             pytest.skip(f"merge={merge} needs more than its defaults on the tiny backbone: {err}")
     model, _ = session.inference()

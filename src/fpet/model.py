@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from fpet.backbone import create_backbone
-from fpet.merge import build_merges, geometry, merge_problems
+from fpet.merge import build_merges, geometry, merge_problems, strategy_class
 from fpet.pet import pet_method, set_trainable
 from fpet.pet.inject import TRAINABLE_MODES
 from fpet.select import ScoringInput
@@ -24,7 +24,8 @@ def build_model(cfg: DictConfig, scoring: Optional[ScoringInput] = None) -> Toke
     The timm `VisionTransformer` is `model.vit`; the PET method (its record: `model.pet_method`) is injected into it;
     a method that selects weights from data (its record's `select`: TR-PTS, GPS) scores them on the training split
     next, on `scoring.device` (default: CPU, no cache), and the model stays on that device; then the merge
-    strategies are placed in `model.merges` keyed by block index (TR-PTS's sparse insertion reads the selection);
+    strategies are placed in `model.merges` keyed by block index (TR-PTS's sparse insertion reads the selection) and
+    the strategy's `prepare` runs (DiffRate's rate search, cached next to the score cache);
     only what the method trains, the head and the merge parameters require grad (`pet.trainable` = all | head
     changes that for full fine-tuning and linear probing).
     """
@@ -35,6 +36,7 @@ def build_model(cfg: DictConfig, scoring: Optional[ScoringInput] = None) -> Toke
     if method.select is not None:
         method.select(model, cfg, scoring if scoring is not None else ScoringInput())
     model.place_merges(build_merges(cfg.merge, vit))
+    strategy_class(cfg.merge.name).prepare(model, cfg, scoring if scoring is not None else ScoringInput())
     set_trainable(model, cfg.pet.get("trainable", "pet"))
     return model
 

@@ -6,7 +6,8 @@ One `TokenState` holds everything a block, a merge strategy or a PET hook may ne
 - `x [B, N, C]`: the tokens; the first `num_prefix` are protected (class, distillation, prompt tokens): they are
   never merged, keep size 1 and stay first;
 - `size [B, N, 1]`: how many input patches each token stands for (None until a merge; proportional attention adds
-  `log(size)` over keys from then on);
+  `log(size)` over keys from then on, unless `prop_attn` is False: a strategy whose official code keeps sizes only
+  for its weighted averages, as PiToMe's, sets it);
 - `mask [B, N, 1]`: soft keep weights in (0, 1] (None = every token fully kept); attention adds `log(mask)` over keys,
   so a strategy can drop tokens softly while the batch keeps its shape;
 - `source [B, N, N0]`: which input tokens each token holds (only when tracking, for visualisation);
@@ -47,6 +48,7 @@ class TokenState:
     keys: Optional[Tensor] = None
     cls_attn: Optional[Tensor] = None
     attn_received: Optional[Tensor] = None
+    prop_attn: bool = True
     trace: tuple[tuple[Tensor | float, Tensor | float], ...] = ()
 
     def replace(self, **changes) -> "TokenState":
@@ -89,9 +91,10 @@ class TokenState:
         return self.size if self.size is not None else self.x.new_ones(self.x.shape[0], self.num_tokens, 1)
 
     def attention_bias(self, dtype: torch.dtype) -> Optional[Tensor]:
-        """Additive attention mask over keys, `[B, 1, 1, N]`: `log(size) + log(mask)`; None when both are None."""
+        """Additive attention mask over keys, `[B, 1, 1, N]`: `log(size) + log(mask)` (`log(size)` only with
+        `prop_attn`); None when both are None."""
         bias = None
-        for weights in (self.size, self.mask):
+        for weights in (self.size if self.prop_attn else None, self.mask):
             if weights is not None:
                 term = weights.log()
                 bias = term if bias is None else bias + term

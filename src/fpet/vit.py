@@ -40,7 +40,8 @@ def attention_forward(attn: nn.Module, h: Tensor, state: TokenState, needs: froz
     q, k = attn.q_norm(q), attn.k_norm(k)
     probs = None
     if state.mask is not None and state.mask.requires_grad:
-        size_bias = None if state.size is None else state.size.log().to(q.dtype).transpose(1, 2).unsqueeze(1)
+        size_bias = None if state.size is None or not state.prop_attn else \
+            state.size.log().to(q.dtype).transpose(1, 2).unsqueeze(1)
         logits = (q * head_dim ** -0.5) @ k.mT + (0.0 if size_bias is None else size_bias)
         probs = masked_softmax(logits, state.mask, attn.training)
         bias = None  # the statistics are read from `probs`

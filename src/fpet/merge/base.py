@@ -16,7 +16,7 @@ The class is also the strategy's registry record (`fpet.merge.MERGE_STRATEGIES`)
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Optional
 
 from omegaconf import DictConfig
 from torch import Tensor, nn
@@ -72,6 +72,14 @@ class TokenMerge(nn.Module):
         """The modules of the blocks `layers` (validated): one `from_config` each unless the strategy schedules
         something across blocks (ToMe's `[r, inflection]` schedule)."""
         return {layer: cls.from_config(cfg, geo) for layer in layers}
+
+    @classmethod
+    def prepare(cls, model: nn.Module, cfg: DictConfig, source: Any) -> Optional[dict]:
+        """Data-dependent set-up once the merges are placed (`fpet.model.build_model`), e.g. DiffRate's rate search
+        (replaces `model.merges`). `cfg` is the full config, `source` a `fpet.select.ScoringInput` (device, the
+        run's cache file, whose directory holds what the set-up stores; or a task file being evaluated). Returns
+        a summary, or None: nothing to prepare (the default)."""
+        return None
 
     @classmethod
     def layers(cls, cfg: DictConfig, geo: "Geometry") -> tuple[list[int], list[str]]:
