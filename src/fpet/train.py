@@ -206,7 +206,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("eval_only"):
         return evaluate_checkpoint(session, run_dir)
     run_dir = Path(run_dir)
-    loaders = build_loaders(cfg)
+    loaders = build_loaders(cfg, session.device)
     model = session.build(score_cache=run_dir / CACHE_NAME)
     log.info("run dir %s | %s on %s | %d trainable parameters", run_dir, cfg.backbone.name, session.device,
              sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -251,7 +251,7 @@ def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]
     """`eval_only=true checkpoint=PATH`: the backbone of the config plus a task file -> eval-split accuracy,
     profile, results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
     cfg, run_dir = session.cfg, Path(run_dir)
-    loaders = build_loaders(cfg)
+    loaders = build_loaders(cfg, session.device)
     model = session.build(task_file=cfg.checkpoint)
     info = load_task(model, cfg.checkpoint, session.task_info())
     infer = session.inference()[0]
