@@ -169,12 +169,15 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
             loss = train_one_epoch(model, loaders.train, optimizer, device, bar, epoch, precision,
                                    cfg.train.get("limit_batches"), loaders.preprocess, loss_fn)
             scheduler.step(epoch)
-            record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr}
+            record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr,
+                                      "train_seconds": time.perf_counter() - start}  # the loss syncs every step
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
                 last = epoch + 1 == epochs and final_model is not None
+                eval_start = time.perf_counter()
                 target = final_model(model) if last else model
                 record["acc"] = evaluate(target, loaders.eval, device, precision, loaders.preprocess,
                                          forward if target is model else compiled_forward(target, compile_))
+                record["eval_seconds"] = time.perf_counter() - eval_start
                 state.evals.append({"epoch": epoch + 1, "acc": record["acc"]})
                 bar.set_description(f"train (acc {record['acc']:.1f}%)")
             state.epoch, state.train_seconds = epoch + 1, state.train_seconds + time.perf_counter() - start
