@@ -63,9 +63,10 @@ else
   WORKERS=8
   TESTS=(tests/test_cuda.py)
 fi
-# one run: 1,000 training images (train800val200), evaluation on the generated test split, no timing in the profile
+# one run: 1,000 training images (train800val200), evaluation on the generated test split, no timing in the profile;
+# WORKERS processes render the generated images (DataLoader workers, or the one read of train.loader=device)
 COMMON=("${BACKBONE[@]}" pet=lora logger=none train.progress=false train.skip_finished=false seed=0
-        bench.latency=false bench.train=false "paths.output_dir=$WORK/outputs")
+        bench.latency=false bench.train=false "dataset.num_workers=$WORKERS" "paths.output_dir=$WORK/outputs")
 
 since() { awk -v t0="$1" -v t1="$(date +%s.%N)" 'BEGIN { printf "%.1f", t1 - t0 }'; }
 left() { echo $(( BUDGET_S - ($(date +%s) - START) )); }
@@ -138,7 +139,7 @@ for merge in none fpet; do
 done
 for merge in none fpet; do
   train "official_$merge" 90 "${RUN_SIZE[@]}" "train.epochs=$OFFICIAL_EPOCHS" merge=$merge train.precision=fp32 \
-    train.loader=dataloader "dataset.num_workers=$WORKERS"
+    train.loader=dataloader
 done
 
 # 6. two runs sharing the GPU through the local launcher (runs_per_gpu=2; device=auto claims a GPU slot), bf16

@@ -80,3 +80,16 @@ def test_materialize_refuses_float_images():
         SyntheticTask("val200").label(i) for i in range(3)]
     with pytest.raises(TypeError, match="train.loader=dataloader"):
         materialize(SyntheticTask("val200", img_size=32, transform=ToFloat()))
+
+
+def _read_in_worker(num_workers: int) -> int:
+    images, _ = materialize(SyntheticTask("val200", img_size=32), num_workers=num_workers)
+    return len(images)
+
+
+@pytest.mark.slow
+def test_materialize_with_workers_inside_a_joblib_worker():
+    """hydra/launcher=local runs each run in a loky process, whose default start method a DataLoader cannot use."""
+    from joblib import Parallel, delayed
+
+    assert Parallel(n_jobs=2, backend="loky")([delayed(_read_in_worker)(2)] * 2) == [200, 200]

@@ -21,6 +21,7 @@ augmentation (the official recipe has none), so the gathered batch equals the co
 from __future__ import annotations
 
 import logging
+import multiprocessing
 from typing import Iterator, Optional, Sequence
 
 import torch
@@ -50,8 +51,11 @@ def materialize(dataset: Dataset, num_workers: int = 0, pin: bool = False,
     start = 0
     # an own generator: the loader's per-iteration base seed must not come from (and move) the global torch RNG,
     # which the model's initialisation and drop-path draw from next
+    # an explicit start method: inside a joblib (loky) worker of hydra/launcher=local the default context is
+    # loky's, whose processes a DataLoader cannot start
+    context = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
     reader = DataLoader(dataset, batch_size=chunk, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0))
+                        generator=torch.Generator().manual_seed(0), multiprocessing_context=context)
     for batch, batch_labels in reader:
         if batch.dtype != torch.uint8:
             raise TypeError(f"train.loader=device holds uint8 images; the dataset yields {batch.dtype} (a dataset "
