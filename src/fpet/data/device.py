@@ -42,6 +42,13 @@ def resolve_loader(choice: str, device: torch.device) -> str:
     return choice
 
 
+def worker_context(num_workers: int) -> Optional[str]:
+    """The start method of DataLoader workers: `fork` where there is one (and workers are asked for), else the
+    default. Explicit because inside a joblib (loky) worker of hydra/launcher=local the default context is loky's,
+    whose processes a DataLoader cannot start ("'Process' object has no attribute 'env'")."""
+    return "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+
+
 def materialize(dataset: Dataset, num_workers: int = 0, pin: bool = False,
                 chunk: int = 256) -> tuple[Tensor, Tensor]:
     """Every item of `dataset` (uint8 images, no transform) as `(images uint8 [N, 3, H, W], labels int64 [N])`,
@@ -51,11 +58,8 @@ def materialize(dataset: Dataset, num_workers: int = 0, pin: bool = False,
     start = 0
     # an own generator: the loader's per-iteration base seed must not come from (and move) the global torch RNG,
     # which the model's initialisation and drop-path draw from next
-    # an explicit start method: inside a joblib (loky) worker of hydra/launcher=local the default context is
-    # loky's, whose processes a DataLoader cannot start
-    context = "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
     reader = DataLoader(dataset, batch_size=chunk, shuffle=False, num_workers=num_workers,
-                        generator=torch.Generator().manual_seed(0), multiprocessing_context=context)
+                        generator=torch.Generator().manual_seed(0), multiprocessing_context=worker_context(num_workers))
     for batch, batch_labels in reader:
         if batch.dtype != torch.uint8:
             raise TypeError(f"train.loader=device holds uint8 images; the dataset yields {batch.dtype} (a dataset "
