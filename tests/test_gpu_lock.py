@@ -7,6 +7,7 @@ import time
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 import fpet.sweep
@@ -71,5 +72,5 @@ def test_local_launcher_takes_runs_per_gpu_and_hands_joblib_the_rest():
     assert launcher.runs_per_gpu == 3 and launcher.n_jobs == 3 * max(1, torch.cuda.device_count())
     built = instantiate(launcher)
     assert built.runs_per_gpu == 3 and "runs_per_gpu" not in built.joblib and built.joblib["n_jobs"] == launcher.n_jobs
-    with pytest.raises(ValueError, match=r"hydra.launcher.runs_per_gpu=0: must be an integer >= 1"):
+    with pytest.raises(InstantiationException, match=r"hydra.launcher.runs_per_gpu=0: must be an integer >= 1"):
         instantiate(_launcher("hydra.launcher.runs_per_gpu=0"))
