@@ -33,7 +33,10 @@ OUT="${OUT:-/tmp/fpet-gpu-check/out}"
 WORK="${GPU_CHECK_WORK:-/tmp/fpet-gpu-check/work}"
 mkdir -p "$OUT" "$WORK"
 rm -rf "$WORK/runs" "$WORK"/efficiency_*.txt
-exec > >(tee "$OUT/gpu_check.log") 2>&1
+if [[ -z "${GPU_CHECK_LOGGING:-}" ]]; then  # everything below, printed and written to the log (tee ends first)
+  GPU_CHECK_LOGGING=1 bash "${BASH_SOURCE[0]}" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+  exit "${PIPESTATUS[0]}"
+fi
 export PYTHONUNBUFFERED=1 WANDB_MODE=disabled HYDRA_FULL_ERROR=1 PROJECT_ROOT="$ROOT"
 START=$(date +%s)
 FAILED=()
