@@ -101,7 +101,8 @@ train() {
   since "$t0" > "$dir/wall_seconds"
 }
 
-echo "== gpu_check $( [[ $SMOKE == 1 ]] && echo '--cpu-smoke' ) on ${HOSTNAME:-this machine}, $(date -u +%FT%TZ), budget ${BUDGET_S}s"
+echo "== gpu_check $( [[ $SMOKE == 1 ]] && echo '--cpu-smoke' ) on ${HOSTNAME:-this machine}," \
+  "$(date -u +%FT%TZ), budget ${BUDGET_S}s"
 "$PY" - <<'EOF'
 import platform, torch
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, "
@@ -109,8 +110,9 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {tor
 EOF
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
-# 1. wheels: only what is missing is installed, into a private folder put first on PYTHONPATH
-if "$PY" -c "import hydra, omegaconf, fvcore, hydra_plugins.hydra_joblib_launcher" 2>/dev/null && [[ $SMOKE == 0 ]]; then
+# 1. wheels (unless the packages import already), into a private folder put first on PYTHONPATH
+NEEDED="import hydra, omegaconf, fvcore, hydra_plugins.hydra_joblib_launcher"
+if [[ $SMOKE == 0 ]] && "$PY" -c "$NEEDED" 2>/dev/null; then
   echo "== [wheels] hydra-core, omegaconf, fvcore and the joblib launcher are installed"
 elif ls .whl/*.whl >/dev/null 2>&1; then
   SITE="$WORK/site"
@@ -121,7 +123,7 @@ elif ls .whl/*.whl >/dev/null 2>&1; then
 else
   echo "== [wheels] .whl/ is empty: run 'make gpu-wheels' where pip has an index, then carry .whl"; FAILED+=("wheels")
 fi
-"$PY" -c "import hydra, omegaconf, fvcore, timm; print('   hydra', hydra.__version__, '| omegaconf', omegaconf.__version__, '| timm', timm.__version__)" \
+"$PY" -c "$NEEDED, timm; print('   hydra', hydra.__version__, '| timm', timm.__version__)" \
   || { echo "== the training dependencies do not import; stopping"; exit 1; }
 
 # 2. CUDA tests

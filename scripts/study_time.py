@@ -125,8 +125,8 @@ def efficiency_lines(files: dict[str, Path]) -> list[str]:
     import csv
 
     paper = {row["method"]: row for row in csv.DictReader(PAPER_TABLE1.open())}
-    lines = ["| dtype | pet | none ms/img | fpet ms/img | ratio (paper) | none peak MB | fpet peak MB | ratio (paper) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| dtype | pet | none ms/img | fpet ms/img | ratio (paper) | none peak MB | fpet peak MB "
+             "| ratio (paper) |", "|---|---|---|---|---|---|---|---|"]
     for dtype, path in files.items():
         text = path.read_text().strip().splitlines() if path.is_file() else []
         if not text or not text[-1].startswith("["):

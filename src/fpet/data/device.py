@@ -15,7 +15,7 @@ augmentation (the official recipe has none), so the gathered batch equals the co
 | `train.loader` | what | when |
 |---|---|---|
 | `dataloader` | `torch.utils.data.DataLoader` over the dataset (`dataset.num_workers` processes) | always possible |
-| `device` | `DeviceLoader` (this module), images on the run's device | any device; on the CPU it only saves the collation |
+| `device` | `DeviceLoader` (this module), images on the run's device | any device (on the CPU: no collation) |
 | `auto` (default) | `device` on CUDA, `dataloader` elsewhere | |
 """
 from __future__ import annotations
