@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import json
+from typing import Optional
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch.utils.data import DataLoader
 
 from fpet.data import build_loaders
-from fpet.data.device import DeviceLoader, materialize, resolve_loader
+from fpet.data.device import DeviceLoader, materialize, resolve_loader, worker_context
 from fpet.data.synthetic import SyntheticTask
 from fpet.data.transforms import ToFloat
 from fpet.resume import capture_rng, restore_rng
@@ -82,14 +84,17 @@ def test_materialize_refuses_float_images():
         materialize(SyntheticTask("val200", img_size=32, transform=ToFloat()))
 
 
-def _read_in_worker(num_workers: int) -> int:
-    images, _ = materialize(SyntheticTask("val200", img_size=32), num_workers=num_workers)
-    return len(images)
+def _read_in_worker(num_workers: int) -> tuple[int, int, Optional[str]]:
+    task = SyntheticTask("val200", img_size=32)
+    images, _ = materialize(task, num_workers=num_workers)
+    plain = DataLoader(task, batch_size=50, num_workers=num_workers, multiprocessing_context=worker_context(2))
+    return len(images), sum(len(x) for x, _ in plain), worker_context(num_workers)
 
 
 @pytest.mark.slow
-def test_materialize_with_workers_inside_a_joblib_worker():
+def test_dataloader_workers_start_inside_a_joblib_worker():
     """hydra/launcher=local runs each run in a loky process, whose default start method a DataLoader cannot use."""
     from joblib import Parallel, delayed
 
-    assert Parallel(n_jobs=2, backend="loky")([delayed(_read_in_worker)(2)] * 2) == [200, 200]
+    assert worker_context(2) is None  # outside a loky worker: the default start method
+    assert Parallel(n_jobs=2, backend="loky")([delayed(_read_in_worker)(2)] * 2) == [(200, 200, "fork")] * 2

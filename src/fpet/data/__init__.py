@@ -60,7 +60,7 @@ def build_loaders(cfg: DictConfig, device: Optional[torch.device] = None) -> Loa
     """Train loader (shuffled by `seed`, drop_last as the official code) and eval loader of the protocol: DataLoaders,
     or with `train.loader` resolving to `device` on `device` (default CPU) the same batches held in memory
     (`fpet.data.device`)."""
-    from fpet.data.device import device_loaders, resolve_loader
+    from fpet.data.device import device_loaders, resolve_loader, worker_context
 
     device = torch.device("cpu") if device is None else torch.device(device)
     train_split, eval_split = protocol_splits(cfg.dataset.protocol)
@@ -74,7 +74,8 @@ def build_loaders(cfg: DictConfig, device: Optional[torch.device] = None) -> Loa
             [train_set, eval_set], [cfg.train.batch_size, cfg.train.eval_batch_size], [True, False], [True, False],
             [generator, None], device, float(cfg.train.get("device_data_gb", 8)), workers)
         return Loaders(train, evaluation, train_split, eval_split, preprocess)
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                  multiprocessing_context=worker_context(workers))
     train = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                        generator=generator, **common)
     evaluation = DataLoader(eval_set, batch_size=cfg.train.eval_batch_size, shuffle=False, **common)

@@ -43,10 +43,12 @@ def resolve_loader(choice: str, device: torch.device) -> str:
 
 
 def worker_context(num_workers: int) -> Optional[str]:
-    """The start method of DataLoader workers: `fork` where there is one (and workers are asked for), else the
-    default. Explicit because inside a joblib (loky) worker of hydra/launcher=local the default context is loky's,
-    whose processes a DataLoader cannot start ("'Process' object has no attribute 'env'")."""
-    return "fork" if num_workers > 0 and "fork" in multiprocessing.get_all_start_methods() else None
+    """The start method of DataLoader workers: the default (None), except inside a joblib (loky) worker of
+    hydra/launcher=local, whose default context is loky's and cannot start DataLoader workers ("'Process' object
+    has no attribute 'env'"): there `fork` (`spawn` where there is no fork)."""
+    if num_workers == 0 or multiprocessing.get_start_method(allow_none=True) != "loky":
+        return None
+    return "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
 
 
 def materialize(dataset: Dataset, num_workers: int = 0, pin: bool = False,
