@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-prepare install-export demo test test-all bench clean
+.PHONY: help install install-prepare install-export demo test test-all bench gpu-wheels gpu-smoke clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  make %-10s %s\n", $$1, $$2}'
@@ -35,6 +35,12 @@ test-all:  ## every test, slow ones included
 
 bench:  ## efficiency figures (GFLOPs, latency, memory) of the default model, random init, no data
 	$(PY) scripts/benchmark.py
+
+gpu-wheels:  ## .whl/: the pure-Python wheels scripts/gpu_check.sh installs on a GPU machine without network
+	PYTHON=$(PY) bash scripts/gpu_wheels.sh
+
+gpu-smoke:  ## scripts/gpu_check.sh --cpu-smoke: the GPU check's steps on the CPU at tiny sizes (~1-2 min)
+	PYTHON=$(PY) bash scripts/gpu_check.sh --cpu-smoke
 
 clean:  ## remove caches (keeps .venv, data/ and outputs/)
 	rm -rf .pytest_cache src/*.egg-info

@@ -72,7 +72,7 @@ def measure_part(v: Variant, part: str) -> dict:
         return measure_latency(v.infer, bench.infer_batch, img, bench.repeats, bench.warmup, bench.dtype)
     if part == "train":
         return measure_training(v.model, bench.train_batch, img, v.cfg.dataset.num_classes, bench.repeats,
-                                bench.warmup)
+                                bench.warmup, bench.dtype)
     return measure_merge_time(v.infer, bench.infer_batch, img, bench.repeats, bench.warmup)
 
 

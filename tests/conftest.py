@@ -40,6 +40,17 @@ def merge_overrides(merge: str, pet: str) -> list[str]:
     return ["merge.layer=[3,6,9]"] if merge == "trpts" and pet not in SELECTING_PETS else []
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`@pytest.mark.cuda` tests are skipped on a machine without a CUDA GPU, unless FPET_CUDA_TESTS_DEVICE=cpu
+    asks to dry-run their logic on the CPU (tests/test_cuda.py; scripts/gpu_check.sh --cpu-smoke)."""
+    if torch.cuda.is_available() or os.environ.get("FPET_CUDA_TESTS_DEVICE") == "cpu":
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these on a lent machine)")
+    for item in items:
+        if item.get_closest_marker("cuda") is not None:
+            item.add_marker(skip)
+
+
 @pytest.fixture
 def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     """`make_cfg("pet=adaptformer", ...)`: the composed train config with FAST settings and tmp output dirs."""

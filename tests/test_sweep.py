@@ -109,7 +109,8 @@ def test_slurm_preset_is_what_the_readme_says():
 
 def test_local_preset_runs_one_job_per_gpu():
     launcher = _compose_hydra("hydra/launcher=local").hydra.launcher
-    assert launcher._target_.endswith("JoblibLauncher") and launcher.n_jobs == max(1, torch.cuda.device_count())
+    assert launcher._target_.endswith("LocalLauncher") and launcher.n_jobs == max(1, torch.cuda.device_count())
+    assert launcher.runs_per_gpu == 1
 
 
 SYNTHETIC_B = "defaults:\n  - synthetic\n  - _self_\n\nname: synthetic_b\ndata_seed: 4321\n"

@@ -11,11 +11,12 @@ PROJECT_ROOT = Path(__file__).resolve().parents[2]
 CONFIG_DIR = PROJECT_ROOT / "configs"
 
 
-def num_gpus(minimum: Any = 0) -> int:
-    """Visible CUDA devices, at least `minimum` (the `${fpet.num_gpus:1}` resolver of the launcher presets)."""
+def num_gpus(minimum: Any = 0, per_gpu: Any = 1) -> int:
+    """Visible CUDA devices (at least `minimum`) times `per_gpu`: the `${fpet.num_gpus:1,${.runs_per_gpu}}`
+    resolver of the local launcher preset (runs at the same time)."""
     import torch
 
-    return max(int(minimum), torch.cuda.device_count())
+    return max(int(minimum), torch.cuda.device_count()) * int(per_gpu)
 
 
 def layer_tag(layer: Any, prefix: str = "") -> str:

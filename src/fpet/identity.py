@@ -13,7 +13,8 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 FINGERPRINT_IGNORES = {
-    "train": ("progress", "save_task", "eval_batch_size", "keep_last_ckpt", "skip_finished", "compile"),
+    "train": ("progress", "save_task", "eval_batch_size", "keep_last_ckpt", "skip_finished", "compile",
+              "loader", "device_data_gb"),
     "dataset": ("num_workers",),
 }
 """Config keys that may change between an interrupted run and its resumption (they do not change the result)."""

@@ -163,8 +163,9 @@ def saved_for_backward_bytes(model: nn.Module, step: Callable[[], Tensor]) -> in
 
 
 def measure_training(model: nn.Module, batch: int, img_size: int, num_classes: int, repeats: int = 10,
-                     warmup: int = 3) -> dict[str, Optional[float]]:
-    """`train_s_per_iter`, `train_act_mb` and (on CUDA) `peak_mem_mb` of a training step at `batch`.
+                     warmup: int = 3, dtype: str = "float32") -> dict[str, Optional[float]]:
+    """`train_s_per_iter`, `train_act_mb` and (on CUDA) `peak_mem_mb` of a training step at `batch`, its forward
+    under autocast to `dtype` unless float32 (as `train.precision=bf16` trains).
 
     The step uses AdamW with lr 0 over the trainable parameters, so the model's weights do not change, and runs
     under a forked RNG so measuring does not disturb the training run's random stream.
@@ -177,16 +178,19 @@ def measure_training(model: nn.Module, batch: int, img_size: int, num_classes: i
     with torch.random.fork_rng(devices=forked):
         images = torch.randn(batch, 3, img_size, img_size, device=device)
         labels = torch.randint(0, num_classes, (batch,), device=device)
-        return _measure_steps(model, params, images, labels, repeats, warmup)
+        return _measure_steps(model, params, images, labels, repeats, warmup, dtype)
 
 
 def _measure_steps(model: nn.Module, params: list[nn.Parameter], images: Tensor, labels: Tensor, repeats: int,
-                   warmup: int) -> dict[str, Optional[float]]:
+                   warmup: int, dtype: str = "float32") -> dict[str, Optional[float]]:
     device = images.device
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
 
     def loss_fn() -> Tensor:
-        return training_loss(model, images, labels)
+        if dtype == "float32":
+            return training_loss(model, images, labels)
+        with torch.autocast(device.type, dtype=DTYPES[dtype]):
+            return training_loss(model, images, labels)
 
     def train_step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -232,7 +236,8 @@ def profile_model(model: nn.Module, bench: DictConfig, img_size: int, num_classe
         out["infer_batch"] = bench.infer_batch
     out.update({"train_s_per_iter": None, "train_act_mb": None, "peak_mem_mb": None, "train_batch": None})
     if bench.train:
-        out.update(measure_training(model, bench.train_batch, img_size, num_classes, bench.repeats, bench.warmup))
+        out.update(measure_training(model, bench.train_batch, img_size, num_classes, bench.repeats, bench.warmup,
+                                    bench.dtype))
         out["train_batch"] = bench.train_batch
     out["dtype"] = bench.dtype
     return out

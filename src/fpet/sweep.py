@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -69,11 +70,13 @@ def _multirun_job_num() -> Optional[int]:
     return int(hydra_cfg.job.num) if hydra_cfg.mode == RunMode.MULTIRUN else None
 
 
-def _lock_name(index: int) -> str:
-    """Lock file of visible GPU `index`, named by its physical id so sweeps with other CUDA_VISIBLE_DEVICES agree."""
+def _lock_name(index: int, slot: int = 0) -> str:
+    """Lock file of slot `slot` of visible GPU `index`, named by its physical id so sweeps with other
+    CUDA_VISIBLE_DEVICES agree (slot 0 keeps the name of a one-run-per-GPU lock: `gpu-<id>.lock`)."""
     visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
     physical = visible[index] if index < len(visible) else str(index)
-    return "gpu-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in physical) + ".lock"
+    name = "gpu-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in physical)
+    return f"{name}.lock" if slot == 0 else f"{name}.slot{slot}.lock"
 
 
 def _lock(path: Path, wait: bool) -> Optional[int]:
@@ -89,23 +92,31 @@ def _lock(path: Path, wait: bool) -> Optional[int]:
     return fd
 
 
-@contextmanager
-def acquire_gpu(preferred: int, count: int, lock_dir: str | Path) -> Iterator[int]:
-    """Hold an exclusive lock on one of `count` GPUs for the duration of the block; yields its index.
+def _try_slots(preferred: int, count: int, lock_dir: Path, runs_per_gpu: int) -> tuple[int, Optional[int]]:
+    """(GPU index, descriptor) of the first free slot, the slots of `preferred` first; (preferred, None) if none."""
+    for candidate in [(preferred + i) % count for i in range(count)]:
+        for slot in range(max(1, runs_per_gpu)):
+            fd = _lock(lock_dir / _lock_name(candidate, slot), wait=False)
+            if fd is not None:
+                return candidate, fd
+    return preferred, None
 
-    Tries `preferred` first, then the others in order, without waiting; when all are taken (more jobs than GPUs)
-    waits for `preferred`. Locks are `flock`s, released by the OS even when the process dies.
+
+@contextmanager
+def acquire_gpu(preferred: int, count: int, lock_dir: str | Path, runs_per_gpu: int = 1,
+                poll_seconds: float = 1.0) -> Iterator[int]:
+    """Hold one of `runs_per_gpu` slots of one of `count` GPUs for the duration of the block; yields the GPU index.
+
+    Tries the slots of `preferred` first, then those of the other GPUs in order; when every slot is taken (more
+    jobs than GPUs x runs_per_gpu) tries again every `poll_seconds` until one frees. A slot is an exclusive `flock`
+    on its own file, released by the OS even when the process dies.
     """
     lock_dir = Path(lock_dir)
     lock_dir.mkdir(parents=True, exist_ok=True)
-    index, fd = preferred, None
-    for candidate in [(preferred + i) % count for i in range(count)]:
-        fd = _lock(lock_dir / _lock_name(candidate), wait=False)
-        if fd is not None:
-            index = candidate
-            break
-    if fd is None:
-        fd = _lock(lock_dir / _lock_name(preferred), wait=True)
+    index, fd = _try_slots(preferred, count, lock_dir, runs_per_gpu)
+    while fd is None:
+        time.sleep(poll_seconds)
+        index, fd = _try_slots(preferred, count, lock_dir, runs_per_gpu)
     try:
         yield index
     finally:
@@ -118,18 +129,29 @@ def default_lock_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"fpet-gpu-locks-{uid}"
 
 
+def runs_per_gpu() -> int:
+    """`hydra.launcher.runs_per_gpu` of the running Hydra job (the local launcher's key), else 1."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return 1
+    return int(HydraConfig.get().launcher.get("runs_per_gpu", 1) or 1)
+
+
 @contextmanager
 def claim_device(cfg: DictConfig) -> Iterator[str]:
-    """The device this run uses: `cfg.device`, except for `device=auto` in a Hydra multirun on a machine with
-    several GPUs, where job `i` takes a free GPU (GPU `i % n` first) and holds it until the block ends."""
+    """The device this run uses: `cfg.device`, except for `device=auto` in a Hydra multirun on a machine with a
+    GPU, where job `i` takes a free slot of a GPU (GPU `i % n` first; `hydra.launcher.runs_per_gpu` slots per GPU)
+    and holds it until the block ends."""
     count = num_gpus() if cfg.device == "auto" else 0
-    job = _multirun_job_num() if count > 1 else None
+    job = _multirun_job_num() if count >= 1 else None
     if job is None:
         yield str(cfg.device)
         return
     import torch
 
-    with acquire_gpu(job % count, count, default_lock_dir()) as index:
+    per_gpu = runs_per_gpu()
+    with acquire_gpu(job % count, count, default_lock_dir(), per_gpu) as index:
         torch.cuda.set_device(index)
-        log.info("multirun job %d runs on cuda:%d (%d GPUs visible)", job, index, count)
+        log.info("multirun job %d runs on cuda:%d (%d GPUs visible, %d runs per GPU)", job, index, count, per_gpu)
         yield f"cuda:{index}"

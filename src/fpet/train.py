@@ -169,12 +169,15 @@ def fit(model: nn.Module, loaders: Loaders, cfg: DictConfig, device: torch.devic
             loss = train_one_epoch(model, loaders.train, optimizer, device, bar, epoch, precision,
                                    cfg.train.get("limit_batches"), loaders.preprocess, loss_fn)
             scheduler.step(epoch)
-            record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr}
+            record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "lr": lr,
+                                      "train_seconds": time.perf_counter() - start}  # the loss syncs every step
             if (epoch + 1) % every == 0 or epoch + 1 == epochs:
                 last = epoch + 1 == epochs and final_model is not None
+                eval_start = time.perf_counter()
                 target = final_model(model) if last else model
                 record["acc"] = evaluate(target, loaders.eval, device, precision, loaders.preprocess,
                                          forward if target is model else compiled_forward(target, compile_))
+                record["eval_seconds"] = time.perf_counter() - eval_start
                 state.evals.append({"epoch": epoch + 1, "acc": record["acc"]})
                 bar.set_description(f"train (acc {record['acc']:.1f}%)")
             state.epoch, state.train_seconds = epoch + 1, state.train_seconds + time.perf_counter() - start
@@ -206,7 +209,7 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
     if cfg.get("eval_only"):
         return evaluate_checkpoint(session, run_dir)
     run_dir = Path(run_dir)
-    loaders = build_loaders(cfg)
+    loaders = build_loaders(cfg, session.device)
     model = session.build(score_cache=run_dir / CACHE_NAME)
     log.info("run dir %s | %s on %s | %d trainable parameters", run_dir, cfg.backbone.name, session.device,
              sum(p.numel() for p in model.parameters() if p.requires_grad))
@@ -251,7 +254,7 @@ def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]
     """`eval_only=true checkpoint=PATH`: the backbone of the config plus a task file -> eval-split accuracy,
     profile, results.json (in `run_dir`, or `run_dir/eval/` when `run_dir` holds the training run's results)."""
     cfg, run_dir = session.cfg, Path(run_dir)
-    loaders = build_loaders(cfg)
+    loaders = build_loaders(cfg, session.device)
     model = session.build(task_file=cfg.checkpoint)
     info = load_task(model, cfg.checkpoint, session.task_info())
     infer = session.inference()[0]

@@ -19,6 +19,8 @@ class ConfigError(UserError, ValueError):
 
 
 PRECISIONS = ("fp32", "tf32", "bf16")
+LOADERS = ("dataloader", "device", "auto")
+"""Accepted values of `train.loader` (fpet.data.device)."""
 
 
 def precision_problems(precision: Any) -> list[str]:
@@ -43,6 +45,12 @@ def recipe_problems(cfg: DictConfig) -> list[str]:
     problems += precision_problems(cfg.train.get("precision", "fp32"))
     if not isinstance(cfg.train.get("compile", False), bool):
         problems.append(f"train.compile={cfg.train.get('compile')!r}: must be true or false")
+    if cfg.train.get("loader", "dataloader") not in LOADERS:
+        problems.append(f"train.loader={cfg.train.get('loader')!r}: accepted {list(LOADERS)} (dataloader: "
+                        f"torch DataLoader; device: splits held on the run's device; auto: device on CUDA)")
+    budget = cfg.train.get("device_data_gb", 8)
+    if not isinstance(budget, (int, float)) or isinstance(budget, bool) or budget < 0:
+        problems.append(f"train.device_data_gb={budget!r}: must be a number of GiB >= 0")
     limit = cfg.train.get("limit_batches")
     if limit is not None and not _positive_int(limit):
         problems.append(f"train.limit_batches={limit!r}: must be a positive integer or null")

@@ -6,7 +6,7 @@ the device it is moved to (see `fpet.data.transforms`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, NamedTuple, Optional
+from typing import Callable, Iterable, NamedTuple, Optional
 
 import torch
 from omegaconf import DictConfig
@@ -33,8 +33,8 @@ DATASET_KINDS: dict[str, DatasetBuilder] = {"synthetic": _synthetic, "vtab": bui
 
 
 class Loaders(NamedTuple):
-    train: DataLoader
-    eval: DataLoader
+    train: Iterable
+    eval: Iterable
     train_split: str
     eval_split: str
     preprocess: ToFloat
@@ -56,18 +56,30 @@ def build_dataset(cfg: DictConfig, split: str, data_dir: str | Path,
     return DATASET_KINDS[cfg.kind](cfg, split, Path(data_dir), transform)
 
 
-def build_loaders(cfg: DictConfig) -> Loaders:
-    """Train loader (shuffled by `seed`, drop_last as the official code) and eval loader of the protocol."""
+def build_loaders(cfg: DictConfig, device: Optional[torch.device] = None) -> Loaders:
+    """Train loader (shuffled by `seed`, drop_last as the official code) and eval loader of the protocol: DataLoaders,
+    or with `train.loader` resolving to `device` on `device` (default CPU) the same batches held in memory
+    (`fpet.data.device`)."""
+    from fpet.data.device import device_loaders, resolve_loader, worker_context
+
+    device = torch.device("cpu") if device is None else torch.device(device)
     train_split, eval_split = protocol_splits(cfg.dataset.protocol)
     train_set = build_dataset(cfg.dataset, train_split, cfg.paths.data_dir)
     eval_set = build_dataset(cfg.dataset, eval_split, cfg.paths.data_dir)
     workers = int(cfg.dataset.get("num_workers", 0))
-    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0)
     generator = torch.Generator().manual_seed(int(cfg.seed))
+    preprocess = ToFloat(cfg.dataset.get("normalize", "none"))
+    if resolve_loader(str(cfg.train.get("loader", "dataloader")), device) == "device":
+        train, evaluation = device_loaders(
+            [train_set, eval_set], [cfg.train.batch_size, cfg.train.eval_batch_size], [True, False], [True, False],
+            [generator, None], device, float(cfg.train.get("device_data_gb", 8)), workers)
+        return Loaders(train, evaluation, train_split, eval_split, preprocess)
+    common = dict(num_workers=workers, pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0,
+                  multiprocessing_context=worker_context(workers))
     train = DataLoader(train_set, batch_size=cfg.train.batch_size, shuffle=True, drop_last=True,
                        generator=generator, **common)
     evaluation = DataLoader(eval_set, batch_size=cfg.train.eval_batch_size, shuffle=False, **common)
-    return Loaders(train, evaluation, train_split, eval_split, ToFloat(cfg.dataset.get("normalize", "none")))
+    return Loaders(train, evaluation, train_split, eval_split, preprocess)
 
 
 def _positive_int(value: object) -> bool:
