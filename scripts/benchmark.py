@@ -37,6 +37,9 @@ def benchmark(overrides: list[str]) -> dict:
 
 
 def main() -> None:
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__)
+        return
     out = benchmark(sys.argv[1:])
     for key, value in out.items():
         print(f"{key:>18}: {value}", file=sys.stderr)
