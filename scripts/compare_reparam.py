@@ -90,8 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median kept)")
     args, overrides = parser.parse_known_args()
-    torch.set_grad_enabled(False)
-    result = compare(overrides, args.rounds)
+    with torch.no_grad():  # not set_grad_enabled(False): a caller's grad mode is left as it was
+        result = compare(overrides, args.rounds)
     print(f"{result['backbone']}, batch {result['infer_batch']}, {result['rounds']} rounds x {result['repeats']} "
           f"repeats, {result['dtype']}, on {result['device']}", file=sys.stderr)
     print(table(result), file=sys.stderr)

@@ -73,6 +73,7 @@ def test_compare_reparam_prints_a_line_per_measurement(monkeypatch, capsys):
     monkeypatch.setattr("sys.argv", ["compare_reparam.py", "--rounds", "1", "backbone=vit_micro",
                                      "bench.infer_batch=2", "bench.repeats=1", "bench.warmup=0"])
     script.main()
+    assert torch.is_grad_enabled()  # the script leaves this process's grad mode alone
     err = capsys.readouterr().err
     lines = [x for x in err.splitlines() if x.startswith("round 1/1 ")]
     assert [x.split(":")[0] for x in lines] == [f"round 1/1 {name}" for name in script.VARIANTS]
