@@ -2,6 +2,7 @@
 exists, every single-run train.py command composes, and Quick start activates the venv the commands need."""
 from __future__ import annotations
 
+import logging
 import re
 import runpy
 import shlex
@@ -57,6 +58,8 @@ def test_every_script_exists_and_answers_help(script, capsys, monkeypatch):
         assert proc.returncode == 0 and "Powered by Hydra" in proc.stdout, proc.stderr[-2000:]
         return
     monkeypatch.setattr(sys, "argv", [str(path), "--help"])
+    monkeypatch.setattr(logging.root, "handlers", list(logging.root.handlers))  # a script's basicConfig stays here
+    monkeypatch.setattr(logging.root, "level", logging.root.level)
     try:
         runpy.run_path(str(path), run_name="__main__")
     except SystemExit as exit_:
