@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# pytest-xdist worker processes of `make test` / `make test-all` (tests/conftest.py shares the cores among them)
+JOBS ?= 2
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-prepare install-export demo test test-all bench gpu-wheels gpu-smoke clean
@@ -27,11 +29,11 @@ install-export: $(PY)  ## optional: onnx, onnxscript, onnxruntime for scripts/ex
 demo:  ## train LoRA on the embedded synthetic task with vit_micro (CPU, < 3 min) and print a summary
 	$(PY) scripts/demo.py
 
-test:  ## the fast test suite (what CI runs)
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test:  ## the fast test suite (what CI runs), in $(JOBS) processes (pytest-xdist)
+	$(PY) -m pytest -q -m "not slow" -n $(JOBS) $(PYTEST_ARGS)
 
 test-all:  ## every test, slow ones included
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(JOBS) $(PYTEST_ARGS)
 
 bench:  ## efficiency figures (GFLOPs, latency, memory) of the default model, random init, no data
 	$(PY) scripts/benchmark.py

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # before torch is imported
+    sys.exit(print(__doc__))
 
 import torch  # noqa: E402
 

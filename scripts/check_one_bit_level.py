@@ -7,6 +7,7 @@ keys): the max abs difference between this code and every 1-bit weight computed 
 `sign((w - mean) / (std + 1e-5)) * 0.6745 * std + mean`, and between that and the same formula with the
 centroid level 0.7979 that versions before task format 2 used. No data, no weights.
 """
+import argparse
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -57,6 +58,7 @@ def compare(fn) -> tuple[float, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args()
     torch.manual_seed(0)
     images = torch.rand(4, 3, 224, 224)
     for pet in ("bi_lora", "bi_adaptformer"):

@@ -12,6 +12,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
@@ -56,14 +57,18 @@ def compare(overrides: list[str], rounds: int) -> dict:
     models = {name: model for name, (model, _) in built.items()}
     cfg, device = built["plain"][1].cfg, built["plain"][1].device
     img = cfg.backbone.img_size
+    print(f"counting GFLOPs, then {rounds} rounds x {len(models)} variants x ({cfg.bench.warmup} + "
+          f"{cfg.bench.repeats}) forwards at batch {cfg.bench.infer_batch}", file=sys.stderr, flush=True)
     out = {name: {"gflops": count_flops(m, img, device), "latency_ms": []} for name, m in models.items()}
     names = list(models)
+    start = time.perf_counter()
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             lat = measure_latency(models[name], cfg.bench.infer_batch, img, cfg.bench.repeats, cfg.bench.warmup,
                                   cfg.bench.dtype)
             out[name]["latency_ms"].append(lat["latency_ms"])
-        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+            print(f"round {r + 1}/{rounds} {name}: {lat['latency_ms']:.3f} ms/img "
+                  f"({time.perf_counter() - start:.0f} s of timing so far)", file=sys.stderr, flush=True)
     for row in out.values():
         row["latency_ms"] = statistics.median(row["latency_ms"])
     base = out["plain"]
@@ -85,8 +90,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved timing rounds (median kept)")
     args, overrides = parser.parse_known_args()
-    torch.set_grad_enabled(False)
-    result = compare(overrides, args.rounds)
+    with torch.no_grad():  # not set_grad_enabled(False): a caller's grad mode is left as it was
+        result = compare(overrides, args.rounds)
     print(f"{result['backbone']}, batch {result['infer_batch']}, {result['rounds']} rounds x {result['repeats']} "
           f"repeats, {result['dtype']}, on {result['device']}", file=sys.stderr)
     print(table(result), file=sys.stderr)

@@ -22,7 +22,11 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from fpet.data.tfds_export import (ExportError, ManualDownloadRequired, SourceFactory, export_task,  # noqa: E402
                                    tfds_source_factory, vtab_root)
+from fpet.cliargs import translate_overrides  # noqa: E402
 from fpet.data.vtab_rules import TASKS, select_tasks  # noqa: E402
+
+CONFIG_KEYS = {"paths.data_dir": "--data-dir", "dataset": "--tasks"}
+"""train.py's spelling of the settings this script shares with a run."""
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -36,7 +40,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="use tfds' current builder version when VTAB's pinned one is unavailable "
                              "(splits may then differ from NOAH's files; the manifest records the version)")
     parser.add_argument("--list", action="store_true", help="print the tasks and exit")
-    return parser.parse_args(argv)
+    return parser.parse_args(translate_overrides(sys.argv[1:] if argv is None else argv, CONFIG_KEYS, parser,
+                                                 lists=["--tasks"]))
 
 
 def print_tasks() -> None:

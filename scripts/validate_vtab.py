@@ -2,6 +2,7 @@
 
     python scripts/validate_vtab.py                            # all 19 tasks under data/vtab-1k/
     python scripts/validate_vtab.py --data-dir /big/data --tasks cifar100 kitti_dist --no-images
+    python scripts/validate_vtab.py paths.data_dir=/big/data dataset=cifar100,kitti_dist   # train.py's spelling
 
 Prints one row per task and then every problem (file:line: what); exits 1 if there is any problem.
 """
@@ -14,7 +15,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
+from fpet.cliargs import translate_overrides  # noqa: E402
 from fpet.data.vtab_rules import TASKS, select_tasks  # noqa: E402
+
+CONFIG_KEYS = {"paths.data_dir": "--data-dir", "dataset": "--tasks"}
+"""train.py's spelling of the settings this script shares with a run."""
 from fpet.data.vtab_validate import format_reports, validate_task  # noqa: E402
 
 
@@ -27,7 +32,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--no-images", action="store_true", help="skip decoding the images (lists and files only)")
     parser.add_argument("--workers", type=int, default=4, help="threads that decode images")
     parser.add_argument("--max-problems", type=int, default=50, help="problems listed per task (0 = all)")
-    return parser.parse_args(argv)
+    return parser.parse_args(translate_overrides(sys.argv[1:] if argv is None else argv, CONFIG_KEYS, parser,
+                                                 lists=["--tasks"]))
 
 
 def main(argv: list[str] | None = None) -> int:

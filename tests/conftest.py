@@ -2,19 +2,41 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable, Sequence
-
-import pytest
-import torch
-from omegaconf import DictConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 os.environ.setdefault("PROJECT_ROOT", str(ROOT))
 os.environ.setdefault("WANDB_MODE", "disabled")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+
+SYSTEM_TMP = tempfile.gettempdir()
+"""The temp dir of this process (pytest's tmp_path lives below it, as usual)."""
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(SYSTEM_TMP, "torchinductor_fpet_tests"))
+SESSION_TMP = tempfile.mkdtemp(prefix="fpet-tests-tmp-")
+"""TMPDIR of every process the tests start (runs, scripts, xdist workers), removed when the session ends: a child
+that is killed (the SIGKILL resume test) or ends with os._exit leaves its temp files there, e.g. the wandb-media /
+wandb-artifacts folders that `import timm.utils` (-> wandb) creates, not in the system temp dir."""
+os.environ["TMPDIR"] = SESSION_TMP
+
+# pytest-xdist (`make test` runs `-n 2`): the cores are shared among the workers, their child processes included
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if WORKERS > 1:
+    os.environ["OMP_NUM_THREADS"] = str(THREADS)
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+torch.set_num_threads(min(THREADS, torch.get_num_threads()))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(SESSION_TMP, ignore_errors=True)
 
 from fpet.config import compose_config, register_resolvers  # noqa: E402
 

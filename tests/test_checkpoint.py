@@ -26,7 +26,7 @@ import fpet.pet.reparam
 from fpet.train import run
 from fpet.validate import ConfigError
 from fpet.vit import TokenViT
-from test_pet_methods import PETS
+from test_pet_methods import PETS, SCORING, SELECTING
 from test_vit import PairMerge
 
 
@@ -53,7 +53,7 @@ def test_pack_unpack_bits_round_trip(n):
 
 @pytest.mark.parametrize("pet", PETS)
 def test_save_load_gives_identical_logits(make_cfg, images, tmp_path, pet):
-    cfg = make_cfg(f"pet={pet}")
+    cfg = make_cfg(f"pet={pet}", *(SCORING if pet in SELECTING else []))  # TR-PTS / GPS: one scoring batch
     trained, fresh = build_pair(cfg)
     path = tmp_path / "task.safetensors"
     size = save_task(trained, path, task_metadata(cfg, trained))

@@ -58,6 +58,7 @@ def vit_b16_images() -> torch.Tensor:
     return torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(3))
 
 
+@pytest.mark.slow  # 24-32 s each (2 shared cores); test_folded_vit_micro_equals_adapter_model covers every method
 @pytest.mark.parametrize("pet", ["repadapter", "lora"])
 def test_folded_random_vit_b16_equals_adapter_model_with_and_without_merging(vit_b16_images, pet):
     model = build_model(compose_config(["backbone.checkpoint=null", f"pet={pet}", "dataset.num_classes=10"]))

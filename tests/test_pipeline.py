@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -80,6 +81,16 @@ def test_scripts_report_bad_config_like_a_run(tmp_path):
     assert proc.returncode == 1
     assert "error: ConfigError: invalid config (nothing was run)" in proc.stderr
     assert "pet.groups=3 must divide" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("argument, message", [
+    ("--rounds", "--rounds: not an option of this script (--help lists them)"),
+    ("pet=lorax", "Could not find 'pet/lorax'"),
+    ("pet==", "Error parsing override 'pet=='"),  # Hydra cannot parse it
+])
+def test_a_script_names_a_bad_argument_without_a_traceback(argument, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        session_from_overrides(["backbone=vit_micro", argument])
 
 
 def test_a_normal_run_prints_no_deprecation_noise(make_cfg, tmp_path):

@@ -52,3 +52,29 @@ def test_profile_skips_disabled_parts(make_cfg):
     out = profile_model(build_model(cfg), cfg.bench, 224, 6)
     assert out["latency_ms"] is None and out["train_s_per_iter"] is None and out["gflops"] is None
     assert out["tokens_out"] == 197
+
+
+def test_a_long_measurement_shows_progress_and_a_short_one_prints_nothing(monkeypatch, capsys):
+    import fpet.profile as profile
+
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 2))
+    profile.measure_latency(model, 2, 8, repeats=2, warmup=1)
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(profile, "PROGRESS_DELAY_S", 0.0)  # as if each forward took minutes (ViT-B/16, CPU)
+    profile.measure_latency(model, 2, 8, repeats=2, warmup=1)
+    err = capsys.readouterr().err
+    assert "latency (batch 2)" in err and "/3 [" in err  # warm-up + timed forwards
+
+
+def test_compare_reparam_prints_a_line_per_measurement(monkeypatch, capsys):
+    from fake_vtab import load_script
+
+    script = load_script("compare_reparam")
+    monkeypatch.setattr("sys.argv", ["compare_reparam.py", "--rounds", "1", "backbone=vit_micro",
+                                     "bench.infer_batch=2", "bench.repeats=1", "bench.warmup=0"])
+    script.main()
+    assert torch.is_grad_enabled()  # the script leaves this process's grad mode alone
+    err = capsys.readouterr().err
+    lines = [x for x in err.splitlines() if x.startswith("round 1/1 ")]
+    assert [x.split(":")[0] for x in lines] == [f"round 1/1 {name}" for name in script.VARIANTS]
+    assert all("ms/img" in x and "s of timing so far" in x for x in lines)

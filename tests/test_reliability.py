@@ -47,9 +47,12 @@ def test_sigkilled_run_resumes_and_ends_like_an_uninterrupted_one(tmp_path):
     done_epochs = torch.load(ckpt, weights_only=True)["state"]["epoch"]
     assert 1 <= done_epochs < 6
 
-    for out in (killed, clean):
-        proc = subprocess.run(cli(out), capture_output=True, text=True, cwd=tmp_path, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    # the resumed run and the uninterrupted reference run side by side (independent run dirs)
+    procs = [subprocess.Popen(cli(out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+             for out in (killed, clean)]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=600)
+        assert proc.returncode == 0, stderr[-3000:]
     resumed = json.loads((run_dir_of(killed) / "results.json").read_text())
     reference = json.loads((run_dir_of(clean) / "results.json").read_text())
     assert resumed["resumed_from_epoch"] >= done_epochs and reference["resumed_from_epoch"] == 0

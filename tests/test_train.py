@@ -23,11 +23,32 @@ def test_one_epoch_run_writes_the_results_contract(make_cfg, tmp_path):
     assert (on_disk["task"], on_disk["backbone"], on_disk["pet"], on_disk["merge"]) == \
         ("synthetic", "vit_micro", "lora", "none")
     assert on_disk["protocol"] == "test" and on_disk["eval_split"] == "test"
+    # images read: train800val200 and the synthetic test split (dataset.num_test); no reference table to check
+    assert (on_disk["num_train"], on_disk["num_eval"], on_disk["sizes_checked"]) == (1000, 64, None)
     assert on_disk["storage_bytes"] == (tmp_path / "run" / "task.safetensors").stat().st_size
     assert on_disk["gflops"] > 0 and on_disk["tokens_out"] == 197 and on_disk["latency_ms"] > 0
     assert on_disk["config"]["pet"]["dim"] == 8
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [1, 2] and all("loss" in x and "lr" in x for x in lines)
+
+
+def test_summary_says_why_a_figure_is_missing(tmp_path):
+    from fpet.results import format_summary
+
+    results = {"task": "dtd", "backbone": "vit_micro", "pet": "lora", "merge": "none", "seed": 0, "acc": 50.0,
+               "acc_best": None, "eval_only": True, "eval_split": "test", "gflops": 0.2, "tokens_out": 197,
+               "latency_ms": None, "train_s_per_iter": None, "train_act_mb": None, "params_pet": 1,
+               "params_head": 2, "params_merge": 0, "device": "cpu",
+               "config": {"bench": {"flops": True, "latency": False, "train": False}}}
+    text = format_summary(results, tmp_path)
+    assert "best n/a %" in text and "latency n/a ms/img" in text
+    why = text.split("n/a = not measured: ")[1].splitlines()[0]
+    assert "best: eval_only=true evaluates once" in why
+    assert "latency: bench.latency=false (bench.latency=true measures it)" in why
+    assert "train s/it and saved-for-backward: bench.train=false" in why and "GFLOPs" not in why
+    measured = {**results, "acc_best": 50.0, "eval_only": False, "latency_ms": 1.0, "train_s_per_iter": 1.0,
+                "train_act_mb": 1.0}
+    assert "n/a" not in format_summary(measured, tmp_path)
 
 
 def test_lr_schedule_is_stepped_after_each_epoch_like_the_official_code(make_cfg, tmp_path):

@@ -24,7 +24,10 @@ SMALL = {"train800": 24, "val200": 8, "test": 12}
 
 
 def vtab_cfg(make_cfg, data_dir: Path, *overrides: str):
-    return make_cfg(f"paths.data_dir={data_dir}", "dataset.num_workers=0", *overrides, fast=VTAB_FAST)
+    """A config on the fake folders; SMALL splits are custom sizes, so the VTAB-1K size check is off unless an
+    override turns it on."""
+    return make_cfg(f"paths.data_dir={data_dir}", "dataset.num_workers=0", "dataset.check_sizes=false", *overrides,
+                    fast=VTAB_FAST)
 
 
 @pytest.mark.parametrize("task, folder", [("cifar100", "cifar"), ("cifar100", "cifar100"), ("kitti_dist", "kitti"),
@@ -93,6 +96,25 @@ def test_protocols_pick_the_splits(make_cfg, tmp_path):
     assert (len(loaders.train.dataset), len(loaders.eval.dataset)) == (32, 12)
 
 
+def test_num_workers_auto_follows_the_cores(make_cfg, tmp_path, monkeypatch):
+    """`dataset.num_workers=auto` (the VTAB default) starts min(4, cores) workers: 2 on a 2-core machine, where
+    the official 4 made torch warn; an integer is taken as given; a bad value is a config error."""
+    import fpet.data.workers as workers
+    from fpet.config import compose_config
+    from fpet.data import dataset_problems
+
+    assert compose_config(["dataset=dtd"]).dataset.num_workers == "auto"
+    monkeypatch.setattr(workers, "available_cores", lambda: 2)
+    write_fake_task(tmp_path, "dtd", sizes=SMALL)
+    loaders = build_loaders(vtab_cfg(make_cfg, tmp_path, "dataset=dtd", "dataset.num_workers=auto",
+                                     "dataset.cache=false"))
+    assert loaders.train.num_workers == loaders.eval.num_workers == 2
+    monkeypatch.setattr(workers, "available_cores", lambda: 64)
+    assert workers.resolve_workers("auto") == 4 and workers.resolve_workers(7) == 7
+    problems = dataset_problems(vtab_cfg(make_cfg, tmp_path, "dataset=dtd", "dataset.num_workers=-1"))
+    assert len(problems) == 1 and problems[0].startswith("dataset.num_workers=-1: accepted auto")
+
+
 def test_trains_one_epoch_on_a_fake_task_and_records_the_preprocessing(make_cfg, tmp_path):
     write_fake_task(tmp_path, "kitti_dist", "kitti", sizes=SMALL)
     cfg = vtab_cfg(make_cfg, tmp_path, "dataset=kitti_dist", "dataset.normalize=imagenet", "bench.flops=false",
@@ -101,10 +123,53 @@ def test_trains_one_epoch_on_a_fake_task_and_records_the_preprocessing(make_cfg,
     on_disk = json.loads((tmp_path / "run" / "results.json").read_text())
     assert on_disk["task"] == results["task"] == "kitti_dist" and on_disk["normalize"] == "imagenet"
     assert on_disk["eval_split"] == "test" and 0 <= on_disk["acc"] <= 100
+    assert (on_disk["num_train"], on_disk["num_eval"]) == (32, 12)  # SMALL: 24 + 8 and 12 images
+    assert on_disk["sizes_checked"] is False and on_disk["config"]["dataset"]["check_sizes"] is False
     assert len(list((tmp_path / "cache" / "kitti_dist").glob("*.u8"))) == 2  # train800val200 and test
 
 
 # --------------------------------------------------------------------------------------------------- bad input
+
+def test_run_refuses_a_split_size_other_than_vtab1k_before_reading_images(make_cfg, tmp_path):
+    """dtd with a 94-image test split (VTAB-1K's has 1,880) is refused up front, naming split, counts and the
+    override; the run folder stays empty and no image is cached."""
+    write_fake_task(tmp_path, "dtd", sizes={"test": 94})  # train800 / val200 / train800val200: 800 / 200 / 1000
+    with pytest.raises(ConfigError) as err:
+        run(vtab_cfg(make_cfg, tmp_path, "dataset=dtd", "dataset.check_sizes=true"), tmp_path / "run")
+    message = str(err.value)
+    assert "dataset=dtd: split test has 94 images" in message and "test split has 1,880" in message
+    assert "dataset.check_sizes=false" in message and "train800" not in message.split("split test")[0]
+    assert not (tmp_path / "run").exists() and not (tmp_path / "cache").exists()
+    # the val protocol reads train800 and val200 only, whose sizes are VTAB-1K's
+    validate_config(vtab_cfg(make_cfg, tmp_path, "dataset=dtd", "dataset.check_sizes=true", "dataset.protocol=val"))
+
+
+@pytest.mark.parametrize("split, lines", [("train800", 799), ("val200", 201), ("train800val200", 1001)])
+def test_every_training_split_size_is_checked(make_cfg, tmp_path, split, lines):
+    root = write_fake_task(tmp_path, "kitti_dist")  # VTAB-1K's sizes: accepted as they are
+    cfg = vtab_cfg(make_cfg, tmp_path, "dataset=kitti_dist", "dataset.check_sizes=true", "dataset.protocol=val")
+    assert check_task_files(cfg.dataset, tmp_path) == []
+    text = (root / f"{split}.txt").read_text().splitlines(keepends=True)
+    (root / f"{split}.txt").write_text("".join((text * 2)[:lines]) + "\n\n")  # blank lines are not images
+    protocol = "test" if split == "train800val200" else "val"
+    cfg = vtab_cfg(make_cfg, tmp_path, "dataset=kitti_dist", "dataset.check_sizes=true",
+                   f"dataset.protocol={protocol}")
+    problems = check_task_files(cfg.dataset, tmp_path)
+    expected = {"train800": 800, "val200": 200, "train800val200": 1000}[split]
+    assert len(problems) == 1 and f"split {split} has {lines:,} images" in problems[0]
+    assert f"{split} split has {expected:,}" in problems[0]
+    cfg = vtab_cfg(make_cfg, tmp_path, "dataset=kitti_dist", f"dataset.protocol={protocol}")  # the override
+    assert check_task_files(cfg.dataset, tmp_path) == []
+
+
+def test_custom_data_without_a_reference_test_size_is_not_checked(make_cfg, tmp_path):
+    write_fake_task(tmp_path, "dtd", sizes={"test": 7})
+    cfg = vtab_cfg(make_cfg, tmp_path, "dataset=dtd", "dataset.check_sizes=true", "dataset.test_size=null")
+    assert check_task_files(cfg.dataset, tmp_path) == []
+    cfg = vtab_cfg(make_cfg, tmp_path, "dataset=dtd", "dataset.check_sizes=maybe")
+    with pytest.raises(ConfigError, match="dataset.check_sizes='maybe': must be true or false"):
+        validate_config(cfg)
+
 
 def test_missing_task_folder_says_where_it_looked_and_how_to_get_data(make_cfg, tmp_path):
     (tmp_path / "vtab-1k").mkdir()

@@ -25,6 +25,17 @@ def test_good_folders_in_both_spellings_pass(tmp_path, validate_main, capsys):
     assert "2/2 tasks ok" in out and "kitti" in out and "10000" in out
 
 
+def test_takes_train_py_spelling_of_data_dir_and_tasks(tmp_path, validate_main, capsys):
+    write_fake_task(tmp_path, "kitti_dist", "kitti")
+    assert validate_main([f"paths.data_dir={tmp_path}", "dataset=kitti_dist", "--no-images"]) == 0
+    assert "1/1 tasks ok" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_:
+        validate_main([f"paths.data_dir={tmp_path}", "train.epochs=3"])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "'train.epochs=3'" in err and "paths.data_dir=... (= --data-dir)" in err and "dataset=... (= --tasks)" in err
+
+
 def test_every_problem_is_reported_not_just_the_first(tmp_path, validate_main, capsys):
     root = write_fake_task(tmp_path, "kitti_dist", "kitti")
     lines = (root / "train800.txt").read_text().splitlines()

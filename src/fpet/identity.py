@@ -15,7 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 FINGERPRINT_IGNORES = {
     "train": ("progress", "save_task", "eval_batch_size", "keep_last_ckpt", "skip_finished", "compile",
               "loader", "device_data_gb"),
-    "dataset": ("num_workers",),
+    "dataset": ("num_workers", "check_sizes"),
 }
 """Config keys that may change between an interrupted run and its resumption (they do not change the result)."""
 FINGERPRINT_GROUPS = ("seed", "backbone", "pet", "merge", "dataset", "optim", "train")

@@ -153,11 +153,19 @@ RANDOM_INIT = ("backbone.checkpoint=null",)
 def session_from_overrides(overrides: Sequence[str], random_init: bool = True, check_files: bool = False) -> Session:
     """Compose `overrides` (as on train.py's command line), open a session and build the model: the scripts'
     entry (random init and no data files by default)."""
+    from hydra.errors import HydraException
+
     from fpet.config import compose_config
+    from fpet.validate import ConfigError, check_appended_keys
 
-    from fpet.validate import check_appended_keys
-
-    cfg = compose_config([*(RANDOM_INIT if random_init else ()), *overrides])
+    flags = [o for o in overrides if o.startswith("-")]
+    if flags:
+        raise ConfigError(f"{flags[0]}: not an option of this script (--help lists them); the rest of its command "
+                          f"line is train.py's overrides, key=value")
+    try:
+        cfg = compose_config([*(RANDOM_INIT if random_init else ()), *overrides])
+    except HydraException as err:  # a missing config option (pet=lorax) or an override Hydra cannot parse
+        raise ConfigError(str(err)) from None
     check_appended_keys(list(overrides), cfg)
     session = open_session(cfg, check_files=check_files)
     session.build()

@@ -185,8 +185,28 @@ def fmt(value: Any, spec: str) -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+BENCH_SWITCHES = (("gflops", "GFLOPs", "flops"), ("latency_ms", "latency", "latency"),
+                  ("train_s_per_iter", "train s/it and saved-for-backward", "train"))
+"""(results key, name in the summary, the `bench.<switch>` that turns its measurement on)."""
+
+
+def not_measured(results: dict[str, Any]) -> list[str]:
+    """Why each 'n/a' of the summary is missing, with the key that measures it."""
+    bench = (results.get("config") or {}).get("bench") or {}
+    reasons = []
+    if results.get("acc_best") is None:
+        reasons.append("best: eval_only=true evaluates once (the training run's results.json has it)"
+                       if results.get("eval_only") else "best: no periodic evaluation ran")
+    for key, name, switch in BENCH_SWITCHES:
+        if results.get(key) is None:
+            reasons.append(f"{name}: bench.{switch}=false (bench.{switch}=true measures it)"
+                           if bench.get(switch) is False else f"{name}: not measured")
+    return reasons
+
+
 def format_summary(results: dict[str, Any], run_dir: Path) -> str:
-    """A few lines for the console at the end of a run."""
+    """A few lines for the console at the end of a run; each 'n/a' is explained (`not_measured`)."""
+    reasons = not_measured(results)
     return "\n".join([
         f"== {results['task']} | {results['backbone']} | pet={results['pet']} | merge={results['merge']} "
         f"| seed={results['seed']}",
@@ -197,5 +217,6 @@ def format_summary(results: dict[str, Any], run_dir: Path) -> str:
         f"  saved-for-backward {fmt(results['train_act_mb'], '.1f')} MB",
         f"   params: PET {results['params_pet']:,}  head {results['params_head']:,}  merge "
         f"{results['params_merge']:,}   on {results['device']}",
+        *([f"   n/a = not measured: {'; '.join(reasons)}"] if reasons else []),
         f"   results: {run_dir / 'results.json'}",
     ])

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from fpet.checkpoint import load_task, save_task
-from fpet.data import Loaders, build_loaders
+from fpet.data import Loaders, build_loaders, split_record
 from fpet.errors import UserError
 from fpet.merge import set_train_progress
 from fpet.pipeline import Session, open_session
@@ -219,7 +219,8 @@ def run(cfg: DictConfig, run_dir: str | Path) -> dict[str, Any]:
         fit_out = fit(model, loaders, cfg, session.device, logger, run_dir, lambda m: session.inference()[0])
         if cfg.train.save_task:
             save_task(model, run_dir / "task.safetensors", session.task_info())
-        results = finish(session, fit_out, kept_tokens_record(session, loaders), saved=cfg.train.save_task)
+        results = finish(session, fit_out, {**split_record(cfg, loaders), **kept_tokens_record(session, loaders)},
+                         saved=cfg.train.save_task)
         write_json_atomic(run_dir / "results.json", results)
         if not cfg.train.get("keep_last_ckpt", False):
             fit_out["checkpoint"].path.unlink(missing_ok=True)
@@ -264,7 +265,8 @@ def evaluate_checkpoint(session: Session, run_dir: str | Path) -> dict[str, Any]
                "eval_split": loaders.eval_split}
     # epochs: what the task file trained (recorded since it has them), not the config's train.epochs
     results = finish(session, fit_out, {"eval_only": True, "checkpoint": str(cfg.checkpoint),
-                                        "epochs": info.get("epochs"), **kept_tokens_record(session, loaders)})
+                                        "epochs": info.get("epochs"), **split_record(cfg, loaders, trained=False),
+                                        **kept_tokens_record(session, loaders)})
     from fpet.launch import eval_output_dir
 
     out = eval_output_dir(run_dir) / "results.json"  # never overwrites the training run's results

@@ -16,6 +16,7 @@ from fpet.data.synthetic import SyntheticTask
 from fpet.data.transforms import NORMALIZE_MODES, ToFloat
 from fpet.data.vtab import build_vtab, check_task_files
 from fpet.data.vtab_rules import SPLIT_SIZES, SPLITS
+from fpet.data.workers import resolve_workers, worker_problems
 
 PROTOCOLS = {"test": ("train800val200", "test"), "val": ("train800", "val200")}
 """dataset.protocol -> (training split, evaluation split). `test` is the paper's; `val` is for choosing
@@ -66,7 +67,7 @@ def build_loaders(cfg: DictConfig, device: Optional[torch.device] = None) -> Loa
     train_split, eval_split = protocol_splits(cfg.dataset.protocol)
     train_set = build_dataset(cfg.dataset, train_split, cfg.paths.data_dir)
     eval_set = build_dataset(cfg.dataset, eval_split, cfg.paths.data_dir)
-    workers = int(cfg.dataset.get("num_workers", 0))
+    workers = resolve_workers(cfg.dataset.get("num_workers", 0))
     generator = torch.Generator().manual_seed(int(cfg.seed))
     preprocess = ToFloat(cfg.dataset.get("normalize", "none"))
     if resolve_loader(str(cfg.train.get("loader", "dataloader")), device) == "device":
@@ -80,6 +81,15 @@ def build_loaders(cfg: DictConfig, device: Optional[torch.device] = None) -> Loa
                        generator=generator, **common)
     evaluation = DataLoader(eval_set, batch_size=cfg.train.eval_batch_size, shuffle=False, **common)
     return Loaders(train, evaluation, train_split, eval_split, preprocess)
+
+
+def split_record(cfg: DictConfig, loaders: Loaders, trained: bool = True) -> dict[str, Optional[int | bool]]:
+    """results.json: `num_train` / `num_eval` images the run read (`num_train` null when nothing trained) and
+    `sizes_checked`: whether the split sizes were checked against VTAB-1K's (false: `dataset.check_sizes=false`;
+    null: a dataset kind without reference sizes, e.g. the synthetic task)."""
+    checked = cfg.dataset.get("check_sizes") if cfg.dataset.get("kind") in DATASET_FILE_CHECKS else None
+    return {"num_train": len(loaders.train.dataset) if trained else None, "num_eval": len(loaders.eval.dataset),
+            "sizes_checked": checked}
 
 
 def _positive_int(value: object) -> bool:
@@ -100,6 +110,7 @@ def dataset_problems(cfg: DictConfig) -> list[str]:
         if cfg.train.batch_size > SPLIT_SIZES[train_split]:
             problems.append(f"train.batch_size={cfg.train.batch_size}: larger than the {train_split} split "
                             f"({SPLIT_SIZES[train_split]} images); with drop_last no batch would train")
+    problems += worker_problems(ds.get("num_workers", 0))
     if ds.get("normalize", "none") not in NORMALIZE_MODES:
         problems.append(f"dataset.normalize={ds.get('normalize')!r}: accepted {list(NORMALIZE_MODES)}")
     if not _positive_int(ds.get("num_classes")) or ds.num_classes < 2:
@@ -122,4 +133,4 @@ DATASET_FILE_CHECKS: dict[str, Callable[[DictConfig, Path], list[str]]] = {"vtab
 
 
 __all__ = ["DATASET_KINDS", "dataset_file_problems", "dataset_problems", "Loaders", "PROTOCOLS", "SPLITS", "SPLIT_SIZES", "SyntheticTask", "build_dataset",
-           "build_loaders", "protocol_splits"]
+           "build_loaders", "protocol_splits", "split_record"]

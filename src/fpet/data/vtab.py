@@ -22,7 +22,8 @@ from torch.utils.data import Dataset
 
 from fpet.data.cache import ImageCache, cache_key
 from fpet.errors import UserError
-from fpet.data.vtab_rules import SPLITS
+from fpet.data.vtab_rules import SPLIT_SIZES, SPLITS
+from fpet.data.workers import resolve_workers
 
 VTAB_SUBDIR = "vtab-1k"
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos")
@@ -204,7 +205,7 @@ def build_vtab(cfg: DictConfig, split: str, data_dir: Path, transform: Callable)
     if cfg.get("cache", True):
         cache_dir = Path(cfg.get("cache_dir") or Path(data_dir) / "cache" / cfg.name)
     return VTABFolder(root, split, int(cfg.num_classes), int(cfg.img_size), cfg.get("interpolation", "bicubic"),
-                      transform, cache_dir, int(cfg.get("num_workers", 0)))
+                      transform, cache_dir, resolve_workers(cfg.get("num_workers", 0)))
 
 
 def check_task_files(cfg: DictConfig, data_dir: Path) -> list[str]:
@@ -217,9 +218,44 @@ def check_task_files(cfg: DictConfig, data_dir: Path) -> list[str]:
     except VTABDataError as err:
         return [f"dataset={cfg.name}: {err}"]
     splits = PROTOCOLS.get(cfg.get("protocol"), ())
+    missing = [s for s in splits if not (root / f"{s}.txt").is_file()]
     return [f"dataset={cfg.name}: {root / f'{s}.txt'} is missing (dataset.protocol={cfg.protocol} needs it). "
-            f"{how_to_get_data(cfg.name)}" for s in splits if not (root / f"{s}.txt").is_file()]
+            f"{how_to_get_data(cfg.name)}" for s in missing] + split_size_problems(cfg, root, [
+                s for s in splits if s not in missing])
+
+
+def expected_split_size(cfg: DictConfig, split: str) -> Optional[int]:
+    """Images VTAB-1K puts in `split` of the task `cfg` (= `cfg.dataset`): 800 / 200 / 1000, the test split's
+    `test_size`; None where the config names none (custom data)."""
+    return SPLIT_SIZES.get(split, cfg.get("test_size") if split == "test" else None)
+
+
+def count_listed(list_path: Path) -> int:
+    """Images a list file names (its non-blank lines, as `parse_list` reads them)."""
+    with list_path.open("rb") as f:
+        return sum(1 for line in f if line.strip())
+
+
+def split_size_problems(cfg: DictConfig, root: Path, splits: Sequence[str]) -> list[str]:
+    """Each split of `splits` whose list names another number of images than VTAB-1K's (`expected_split_size`),
+    unless `dataset.check_sizes=false`. Cheap: the list files are counted, nothing is decoded."""
+    check = cfg.get("check_sizes", True)
+    if not isinstance(check, bool):
+        return [f"dataset.check_sizes={check!r}: must be true or false"]
+    problems = []
+    for split in splits if check else ():
+        expected = expected_split_size(cfg, split)
+        found = count_listed(root / f"{split}.txt") if expected is not None else None
+        if found is not None and found != expected:
+            problems.append(
+                f"dataset={cfg.name}: split {split} has {found:,} images ({root / f'{split}.txt'}), VTAB-1K's "
+                f"{cfg.name} {split} split has {expected:,}{' (dataset.test_size)' if split == 'test' else ''}: "
+                f"an incomplete or different export (`python scripts/validate_vtab.py --tasks {cfg.name}` lists "
+                f"its problems; `python scripts/prepare_vtab.py --tasks {cfg.name} --force` exports it again). "
+                f"For custom data with other split sizes add dataset.check_sizes=false (recorded in results.json).")
+    return problems
 
 
 __all__ = ["Entry", "Problem", "VTABDataError", "VTABFolder", "build_vtab", "check_image", "check_task_files",
-           "decode_image", "find_task_dir", "parse_list"]
+           "count_listed", "decode_image", "expected_split_size", "find_task_dir", "parse_list",
+           "split_size_problems"]

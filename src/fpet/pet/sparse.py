@@ -183,11 +183,12 @@ def scoring_loader(cfg: DictConfig) -> tuple[DataLoader, Any]:
     """The training split of the run's protocol, unshuffled, in `pet.batch_size` batches; and its preprocessing."""
     from fpet.data import build_dataset, protocol_splits
     from fpet.data.transforms import ToFloat
+    from fpet.data.workers import resolve_workers
 
     split = protocol_splits(cfg.dataset.protocol)[0]
     dataset = build_dataset(cfg.dataset, split, cfg.paths.data_dir)
     loader = DataLoader(dataset, batch_size=int(cfg.pet.batch_size), shuffle=False,
-                        num_workers=int(cfg.dataset.get("num_workers", 0)))
+                        num_workers=resolve_workers(cfg.dataset.get("num_workers", 0)))
     return loader, ToFloat(cfg.dataset.get("normalize", "none"))
 
 
