@@ -4,7 +4,7 @@
     python scripts/export.py path/to/task.safetensors --format torchscript --out lora_fpet.pt
     python scripts/export.py outputs/runs/.../seed0 --bench                 # onnxruntime: this model vs merge=none
     python scripts/export.py --bench backbone=vit_b16 pet=lora merge=fpet   # random init, nothing trained
-    python scripts/export.py --check-all                  # every PET method x merge strategy on a 2-block vit_micro
+    python scripts/export.py --check-all --pets lora,vpt_deep     # PET x merge strategies on a 3-block vit_micro
 
 SOURCE is a run directory (its recorded config and task.safetensors), a task file (its run's recorded config
 when it lies in a run directory, else its own metadata: backbone, dataset, PET and merge keys), or nothing (a
@@ -52,8 +52,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="onnxruntime intra-op threads (default: torch's, %(default)s)")
     parser.add_argument("--check-all", action="store_true",
-                        help="export and check every registered PET method x merge strategy (ONNX, random init, "
-                             f"{' '.join(TINY)}) and print a table")
+                        help="export and check every registered PET method x merge strategy (random init, "
+                             f"{' '.join(TINY)}; --format) and print a table")
+    parser.add_argument("--pets", help="--check-all: these PET methods only (comma-separated)")
+    parser.add_argument("--merges", help="--check-all: these merge strategies only (comma-separated)")
     args = parser.parse_args()
     sources = [a for a in args.args if "=" not in a]
     if len(sources) > 1:
@@ -66,6 +68,8 @@ def parse_args() -> argparse.Namespace:
 def print_checks(result) -> None:
     batch = "dynamic" if result.batch is None else str(result.batch)
     print(f"verified ({result.fmt}, batch {batch}, against PyTorch):")
+    if result.note:
+        print(f"  note: {result.note}")
     for check in result.checks:
         print(check.line())
 
@@ -73,7 +77,8 @@ def print_checks(result) -> None:
 def main() -> None:
     args = parse_args()
     if args.check_all:
-        rows = check_all(args.overrides)
+        split = lambda names: names.split(",") if names else None  # noqa: E731
+        rows = check_all(args.overrides, args.format, split(args.pets), split(args.merges))
         print("| pet | merge | export |\n|---|---|---|")
         for pet, merge, status in rows:
             print(f"| {pet} | {merge} | {status} |")
