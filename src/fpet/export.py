@@ -215,10 +215,25 @@ def write_export(deploy: DeployModel, fmt: str, path: Path, img_size: int) -> No
                 raise ExportError(f"--format {fmt}: accepted {sorted(FORMATS)}")
     except UserError:
         raise
-    except Exception as err:  # the exporters raise many types; the message names the failing op
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ExportError(f"--format {fmt}: tracing the model failed ({type(err).__name__}: {first[:300]}); "
-                          f"merge strategies {merge_names(deploy)}") from err
+    except Exception as err:  # the exporters raise many types; the innermost cause names the op / the guard
+        raise ExportError(f"--format {fmt}: tracing the model failed ({failure_reason(err)}); merge strategies "
+                          f"{merge_names(deploy)}") from err
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line from an exporter's error: its innermost cause (the op without an ONNX translation, the guard on a
+    data-dependent size and the source line asking for it), ANSI colours and advice removed."""
+    import re
+
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split()))
+    text = text.split(" For more information")[0].split(" consider using data-dependent")[0]
+    cause = re.search(r"Caused by: \(\S*?(fpet/\S+ in \w+)\)", str(err))
+    if "data-dependent" in text:
+        text = (f"{text.split(' (unhinted')[0]} at {cause.group(1) if cause else '?'}: a shape or branch depends on "
+                f"the token count an input-dependent strategy kept")
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def merge_names(deploy: DeployModel) -> list[str]:
