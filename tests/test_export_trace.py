@@ -92,3 +92,11 @@ def test_a_recorded_run_config_refuses_group_overrides(tmp_path):
     with pytest.raises(export.ExportError, match="pet=adaptformer"):
         export.apply_key_overrides(cfg, ["pet=adaptformer"])
     assert export.apply_key_overrides(cfg, ["paths.data_dir=/elsewhere"]).paths.data_dir == "/elsewhere"
+
+
+def test_a_random_split_is_refused_before_any_tracing(tmp_path):
+    """ToMe's random split differs on every forward: no file can match it, so export says why up front."""
+    deploy, _ = tiny_model("lora", "bsm", ["merge.split=random"])
+    with pytest.raises(export.ExportError, match="merge.split=random draws set A anew"):
+        export.export_verified(deploy, "torchscript", tmp_path / "model.pt", 224, [])
+    assert not list(tmp_path.iterdir())

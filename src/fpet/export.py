@@ -344,6 +344,9 @@ def export_verified(deploy: DeployModel, fmt: str, out: Path, img_size: int,
         require_onnx()
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: accepted {sorted(FORMATS)}")
+    problems = sorted({p for m in getattr(deploy.model, "merges", {}).values() if (p := m.export_problem())})
+    if problems:
+        raise ExportError("; ".join(problems))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{FORMATS[fmt]}")
     batch = fixed_batch(deploy)
