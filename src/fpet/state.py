@@ -60,6 +60,7 @@ class TokenState:
 
     @property
     def num_tokens(self) -> int:
+        """N; a SymInt, not forced to an int, while torch.export traces a data-dependent length (LTMP)."""
         return self.x.shape[1]
 
     @property
