@@ -4,7 +4,7 @@
     python scripts/export.py path/to/task.safetensors --format torchscript --out lora_fpet.pt
     python scripts/export.py outputs/runs/.../seed0 --bench                 # onnxruntime: this model vs merge=none
     python scripts/export.py --bench backbone=vit_b16 pet=lora merge=fpet   # random init, nothing trained
-    python scripts/export.py --check-all                  # every PET method x merge strategy on a 2-block vit_micro
+    python scripts/export.py --check-all --pets lora,vpt_deep     # PET x merge strategies on a 3-block vit_micro
 
 SOURCE is a run directory (its recorded config and task.safetensors), a task file (its run's recorded config
 when it lies in a run directory, else its own metadata: backbone, dataset, PET and merge keys), or nothing (a
@@ -46,14 +46,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--bench", action="store_true",
                         help="time this model against the same PET method without merging (with merge=fpet if "
                              "this one does not merge) in onnxruntime, interleaved, and print the ratio")
+    parser.add_argument("--bench-merges", metavar="NAMES",
+                        help="--bench: also these merge strategies (comma-separated) on the same folded backbone, "
+                             "timed in the same interleaved loop, each as a ratio to merge=none")
     parser.add_argument("--bench-batch", type=int, default=8, help="images per timed call (default 8)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per model (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls per model first (default 2)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="onnxruntime intra-op threads (default: torch's, %(default)s)")
     parser.add_argument("--check-all", action="store_true",
-                        help="export and check every registered PET method x merge strategy (ONNX, random init, "
-                             f"{' '.join(TINY)}) and print a table")
+                        help="export and check every registered PET method x merge strategy (random init, "
+                             f"{' '.join(TINY)}; --format) and print a table")
+    parser.add_argument("--pets", help="--check-all: these PET methods only (comma-separated)")
+    parser.add_argument("--merges", help="--check-all: these merge strategies only (comma-separated)")
     args = parser.parse_args()
     sources = [a for a in args.args if "=" not in a]
     if len(sources) > 1:
@@ -66,6 +71,8 @@ def parse_args() -> argparse.Namespace:
 def print_checks(result) -> None:
     batch = "dynamic" if result.batch is None else str(result.batch)
     print(f"verified ({result.fmt}, batch {batch}, against PyTorch):")
+    if result.note:
+        print(f"  note: {result.note}")
     for check in result.checks:
         print(check.line())
 
@@ -73,13 +80,20 @@ def print_checks(result) -> None:
 def main() -> None:
     args = parse_args()
     if args.check_all:
-        rows = check_all(args.overrides)
+        split = lambda names: names.split(",") if names else None  # noqa: E731
+        rows = check_all(args.overrides, args.format, split(args.pets), split(args.merges))
         print("| pet | merge | export |\n|---|---|---|")
         for pet, merge, status in rows:
             print(f"| {pet} | {merge} | {status} |")
         return
     if args.bench and args.format != "onnx":
         raise ExportError("--bench times onnxruntime: use --format onnx (the default)")
+    from fpet.merge import MERGE_STRATEGIES
+
+    unknown = [m for m in (args.bench_merges or "").split(",") if m and m not in MERGE_STRATEGIES]
+    if unknown or (args.bench_merges and not args.bench):
+        raise ExportError(f"--bench-merges {args.bench_merges}: comma-separated merge strategies "
+                          f"({','.join(MERGE_STRATEGIES)}) timed with --bench")
     source = resolve_source(args.source, args.overrides)
     deploy, cfg = inference_model(source)
     img = int(cfg.backbone.img_size)
@@ -94,25 +108,34 @@ def main() -> None:
         print(f"wrote {out}" if keep else "(bench only: no file written; --out PATH keeps it)")
         if not args.bench:
             return
-        merged = cfg.merge.name != "none"
-        other_name = "none" if merged else "fpet"
-        other = with_merge_strategy(deploy, cfg, other_name)
-        other_result = export_verified(other, "onnx", Path(tmp) / f"{other_name}.onnx", img, real)
-        print_checks(other_result)
-        label, other_label = cfg.merge.name, other_name
-        runners = {label: load_runner("onnx", out, args.threads), other_label: load_runner("onnx", other_result.path,
-                                                                                           args.threads)}
+        names = [cfg.merge.name, *(["none"] if cfg.merge.name != "none" else ["fpet"])]
+        names += [m for m in (args.bench_merges.split(",") if args.bench_merges else []) if m not in names]
+        results = {cfg.merge.name: result}
+        for name in names[1:]:
+            results[name] = export_verified(with_merge_strategy(deploy, cfg, name), "onnx",
+                                            Path(tmp) / f"{name}.onnx", img, real)
+            print(f"merge={name}:", end=" ")
+            print_checks(results[name])
+        runners = {name: one_at_a_time(load_runner("onnx", r.path, args.threads), r.batch)
+                   for name, r in results.items()}
         ms = bench_interleaved(runners, img, args.bench_batch, args.repeats, args.warmup)
-    fast, slow = (label, other_label) if merged else (other_label, label)
-    summary = {"backbone": cfg.backbone.name, "pet": cfg.pet.name, "merges": [slow, fast],
-               f"{slow}_ms": round(ms[slow], 3), f"{fast}_ms": round(ms[fast], 3),
-               "ratio": round(ms[fast] / ms[slow], 4), "batch": args.bench_batch, "repeats": args.repeats,
-               "threads": args.threads, "runtime": "onnxruntime CPUExecutionProvider"}
+    ratios = {name: ms[name] / ms["none"] for name in names if name != "none"}
+    summary = {"backbone": cfg.backbone.name, "pet": cfg.pet.name, "merges": ["none", *ratios],
+               **{f"{name}_ms": round(ms[name], 3) for name in ["none", *ratios]},
+               "ratio": round(ratios[names[0] if names[0] != "none" else names[1]], 4),
+               "ratios": {name: round(r, 4) for name, r in ratios.items()}, "batch": args.bench_batch,
+               "repeats": args.repeats, "threads": args.threads, "runtime": "onnxruntime CPUExecutionProvider"}
     print(f"onnxruntime, batch {args.bench_batch}, {args.threads} threads, median of {args.repeats} interleaved "
-          f"calls: {slow} {ms[slow]:.2f} ms/image, {fast} {ms[fast]:.2f} ms/image, ratio {fast}/{slow} "
-          f"{ms[fast] / ms[slow]:.3f}")
+          f"calls: none {ms['none']:.2f} ms/image, " + ", ".join(
+              f"{name} {ms[name]:.2f} ms/image (ratio {name}/none {r:.3f})" for name, r in ratios.items()))
     print(json.dumps(summary))
 
+
+def one_at_a_time(run, batch):
+    """A runner for a file of fixed batch size 1 (an input-dependent token count) fed one image per call."""
+    if batch is None:
+        return run
+    return lambda images: torch.cat([run(image[None]) for image in images])
 
 if __name__ == "__main__":
     script_main(main)

@@ -5,27 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fpet.export import TINY
+from fpet.export import TINY, tiny_model
 from fpet.merge import MERGE_STRATEGIES
 from fpet.merge.bipartite import stripe_split
 from fpet.pipeline import session_from_overrides
-from fpet.validate import ConfigError
-
-
-TINY_SCHEDULES = {"diffrate": ["merge.prune_kept=[150]", "merge.merge_kept=[100]"]}
-"""Per-block schedules of strategies whose defaults name 12 blocks, for the one merge block of the tiny backbone."""
 
 
 def tiny_inference_model(merge: str, pet: str = "lora") -> torch.nn.Module:
-    base = [*TINY, "device=cpu", f"pet={pet}", f"merge={merge}"]
-    try:
-        session = session_from_overrides(base)
-    except ConfigError:  # default blocks beyond the 2 tiny blocks (EViT 3/6/9) or read from a selection (TR-PTS)
-        try:
-            session = session_from_overrides([*base, "merge.layer=[1]", *TINY_SCHEDULES.get(merge, [])])
-        except ConfigError as err:
-            pytest.skip(f"merge={merge} needs more than its defaults on the tiny backbone: {err}")
-    model, _ = session.inference()
+    model, _ = tiny_model(pet, merge)  # the model --check-all exports: normalisation, then the folded ViT
     return model.eval()
 
 
@@ -75,13 +62,13 @@ def test_a_bare_task_file_composes_the_config_it_records(tiny_task_file):
     overrides = task_overrides(info)
     assert overrides[:3] == ["backbone=vit_micro", "backbone.img_size=224", "dataset=synthetic"]
     assert "pet=lora" in overrides and "merge=fpet" in overrides and "merge.layer=1" in overrides
-    source = export.resolve_source(str(tiny_task_file), ["+backbone.kwargs.depth=2", "backbone.merge_layer=1"])
+    source = export.resolve_source(str(tiny_task_file), ["+backbone.kwargs.depth=3", "backbone.merge_layer=1"])
     assert source.task_file == tiny_task_file and source.label.startswith("task file")
     assert (source.cfg.pet.name, source.cfg.merge.name, source.cfg.merge.layer) == ("lora", "fpet", 1)
 
 
 def test_the_exported_program_reproduces_pytorch_and_a_failing_one_is_not_written(tiny_task_file, monkeypatch):
-    source = export.resolve_source(str(tiny_task_file), ["+backbone.kwargs.depth=2", "backbone.merge_layer=1",
+    source = export.resolve_source(str(tiny_task_file), ["+backbone.kwargs.depth=3", "backbone.merge_layer=1",
                                                          "dataset.normalize=imagenet"])
     deploy, cfg = export.inference_model(source)
     assert deploy.normalize == "imagenet" and export.fixed_batch(deploy) is None
@@ -105,3 +92,11 @@ def test_a_recorded_run_config_refuses_group_overrides(tmp_path):
     with pytest.raises(export.ExportError, match="pet=adaptformer"):
         export.apply_key_overrides(cfg, ["pet=adaptformer"])
     assert export.apply_key_overrides(cfg, ["paths.data_dir=/elsewhere"]).paths.data_dir == "/elsewhere"
+
+
+def test_a_random_split_is_refused_before_any_tracing(tmp_path):
+    """ToMe's random split differs on every forward: no file can match it, so export says why up front."""
+    deploy, _ = tiny_model("lora", "bsm", ["merge.split=random"])
+    with pytest.raises(export.ExportError, match="merge.split=random draws set A anew"):
+        export.export_verified(deploy, "torchscript", tmp_path / "model.pt", 224, [])
+    assert not list(tmp_path.iterdir())

@@ -180,6 +180,22 @@ def _importable(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def onnx_translations() -> dict:
+    """ONNX translations of aten ops that torch's exporter lacks (its `custom_translation_table`).
+
+    `aten.sort.stable` (`Tensor.sort(stable=True)`: ToMe / BSM rank the A tokens by their best similarity with a
+    stable sort, so equal scores keep sequence order) -> ONNX `TopK` over the whole axis, which the ONNX spec
+    defines to break ties by the lower index first: the same order. torch's exporter translates only the
+    unstable `aten.sort.default` (the same `TopK`)."""
+    from onnxscript import opset18 as op
+
+    def sort_stable(self, stable=None, dim: int = -1, descending: bool = False):
+        size = op.Reshape(op.Gather(op.Shape(self), dim, axis=0), op.Constant(value_ints=[1]))
+        return op.TopK(self, size, axis=dim, largest=descending, sorted=True)
+
+    return {torch.ops.aten.sort.stable: sort_stable}
+
+
 def write_export(deploy: DeployModel, fmt: str, path: Path, img_size: int) -> None:
     """Trace `deploy` and write it to `path` in format `fmt` (dynamic batch unless `fixed_batch`)."""
     batch = fixed_batch(deploy)
@@ -190,7 +206,7 @@ def write_export(deploy: DeployModel, fmt: str, path: Path, img_size: int) -> No
             if fmt == "onnx":
                 torch.onnx.export(deploy, (example,), str(path), dynamo=True, input_names=["images"],
                                   output_names=["logits"], dynamic_shapes=dynamic, external_data=False,
-                                  verbose=False)
+                                  verbose=False, custom_translation_table=onnx_translations())
             elif fmt == "torchscript":
                 torch.jit.trace(deploy, (example,), check_trace=False).save(str(path))
             elif fmt == "exported":
@@ -199,10 +215,25 @@ def write_export(deploy: DeployModel, fmt: str, path: Path, img_size: int) -> No
                 raise ExportError(f"--format {fmt}: accepted {sorted(FORMATS)}")
     except UserError:
         raise
-    except Exception as err:  # the exporters raise many types; the message names the failing op
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise ExportError(f"--format {fmt}: tracing the model failed ({type(err).__name__}: {first[:300]}); "
-                          f"merge strategies {merge_names(deploy)}") from err
+    except Exception as err:  # the exporters raise many types; the innermost cause names the op / the guard
+        raise ExportError(f"--format {fmt}: tracing the model failed ({failure_reason(err)}); merge strategies "
+                          f"{merge_names(deploy)}") from err
+
+
+def failure_reason(err: BaseException) -> str:
+    """One line from an exporter's error: its innermost cause (the op without an ONNX translation, the guard on a
+    data-dependent size and the source line asking for it), ANSI colours and advice removed."""
+    import re
+
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = re.sub(r"\x1b\[[0-9;]*m", "", " ".join(str(err).split()))
+    text = text.split(" For more information")[0].split(" consider using data-dependent")[0]
+    cause = re.search(r"Caused by: \(\S*?(fpet/\S+ in \w+)\)", str(err))
+    if "data-dependent" in text:
+        text = (f"{text.split(' (unhinted')[0]} at {cause.group(1) if cause else '?'}: a shape or branch depends on "
+                f"the token count an input-dependent strategy kept")
+    return f"{type(err).__name__}: {text[:300]}"
 
 
 def merge_names(deploy: DeployModel) -> list[str]:
@@ -301,6 +332,8 @@ class ExportResult:
     fmt: str
     batch: Optional[int]
     checks: list[Check] = field(default_factory=list)
+    note: Optional[str] = None
+    """Why the batch size is fixed (`batch_note`)."""
 
 
 def export_verified(deploy: DeployModel, fmt: str, out: Path, img_size: int,
@@ -311,6 +344,9 @@ def export_verified(deploy: DeployModel, fmt: str, out: Path, img_size: int,
         require_onnx()
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: accepted {sorted(FORMATS)}")
+    problems = sorted({p for m in getattr(deploy.model, "merges", {}).values() if (p := m.export_problem())})
+    if problems:
+        raise ExportError("; ".join(problems))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}{FORMATS[fmt]}")
     batch = fixed_batch(deploy)
@@ -323,7 +359,7 @@ def export_verified(deploy: DeployModel, fmt: str, out: Path, img_size: int,
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return ExportResult(out, fmt, batch, checks)
+    return ExportResult(out, fmt, batch, checks, batch_note(deploy))
 
 
 def default_out(source: Source, cfg: DictConfig, fmt: str) -> Path:
@@ -358,28 +394,63 @@ def bench_interleaved(runners: dict[str, Callable[[Tensor], Tensor]], img_size: 
 # ---------------------------------------------------------------- what exports
 
 
-TINY = ("backbone=vit_micro", "+backbone.kwargs.depth=2", "backbone.merge_layer=1", "logger=none")
-"""Two blocks of vit_micro (ViT-B/16's 197 tokens), merging at block 1: enough to trace every code path."""
+TINY = ("backbone=vit_micro", "+backbone.kwargs.depth=3", "backbone.merge_layer=1", "logger=none")
+"""Three blocks of vit_micro (ViT-B/16's 197 tokens), merging at block 1, so that block 2 and the logits see the
+merged sequence (a merge at the last block leaves the class token, hence the logits, unchanged)."""
 
 
-def check_all(overrides: Sequence[str] = (), fmt: str = "onnx") -> list[tuple[str, str, str]]:
-    """`(pet, merge, status)` for every registered PET method x merge strategy: each exported (random init, the
-    TINY backbone plus `overrides`) and verified on random images. A status is `dynamic batch`, `batch 1`,
-    `config: ...` (needs keys of its own) or `cannot export: ...`."""
+TINY_SCHEDULES = {"diffrate": ("merge.prune_kept=[150]", "merge.merge_kept=[100]")}
+"""Per-block counts for the one merge block of TINY, for strategies whose default schedule names 12 blocks."""
+
+
+def tiny_model(pet: str, merge: str, overrides: Sequence[str] = ()) -> tuple[DeployModel, DictConfig]:
+    """`(DeployModel, cfg)` of `pet` x `merge` on the TINY backbone (random init) plus `overrides`; with
+    `merge.layer=[1]` (and `TINY_SCHEDULES`) when the strategy's default blocks do not fit it (EViT's 3/6/9;
+    DiffRate's 12 counts; TR-PTS's sparse insertion, which needs a parameter-selecting PET method)."""
+    from fpet.validate import ConfigError
+
+    base = [*TINY, f"pet={pet}", f"merge={merge}", *overrides]
+    try:
+        return inference_model(resolve_source(None, base))
+    except ConfigError:
+        if any(o.startswith("merge.layer=") for o in overrides):
+            raise
+        return inference_model(resolve_source(None, [*base, "merge.layer=[1]", *TINY_SCHEDULES.get(merge, ())]))
+
+
+def batch_note(deploy: DeployModel) -> Optional[str]:
+    """Why the export has a fixed batch size, or None (dynamic batch)."""
+    if fixed_batch(deploy) is None:
+        return None
+    names = sorted({type(m).name for m in deploy.model.merges.values() if not type(m).static_tokens})
+    return (f"merge={','.join(names)} keeps an input-dependent number of tokens (static_tokens=False): an image's "
+            f"tokens are removed by a data-dependent count, which a batched graph cannot hold (rows of different "
+            f"lengths), so the file takes batch size 1: run it one image at a time")
+
+
+def check_all(overrides: Sequence[str] = (), fmt: str = "onnx", pets: Optional[Sequence[str]] = None,
+              merges: Optional[Sequence[str]] = None) -> list[tuple[str, str, str]]:
+    """`(pet, merge, status)` for the registered PET methods x merge strategies (`pets` / `merges`: a subset),
+    each exported (random init, `tiny_model`) and verified on random images. A status is `dynamic batch`,
+    `batch 1 (...)`, `config: ...` (needs keys of its own) or `cannot export: ...`."""
     from fpet.merge import MERGE_STRATEGIES
     from fpet.pet import PET_METHODS
     from fpet.validate import ConfigError
 
+    for kind, names, known in (("pet", pets, PET_METHODS), ("merge", merges, MERGE_STRATEGIES)):
+        unknown = sorted(set(names or ()) - set(known))
+        if unknown:
+            raise ExportError(f"--check-all {kind} {','.join(unknown)}: accepted {','.join(known)}")
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for pet in PET_METHODS:
-            for merge in MERGE_STRATEGIES:
+        for pet in pets or PET_METHODS:
+            for merge in merges or MERGE_STRATEGIES:
                 try:
-                    source = resolve_source(None, [*TINY, f"pet={pet}", f"merge={merge}", *overrides])
-                    deploy, cfg = inference_model(source)
+                    deploy, cfg = tiny_model(pet, merge, overrides)
                     result = export_verified(deploy, fmt, Path(tmp) / f"{pet}_{merge}{FORMATS[fmt]}",
                                              int(cfg.backbone.img_size), [])
-                    status = "dynamic batch" if result.batch is None else f"batch {result.batch}"
+                    status = "dynamic batch" if result.batch is None else \
+                        f"batch {result.batch} (input-dependent token count)"
                 except ConfigError as err:
                     status = "config: " + " ".join(str(err).split("\n")[1:]).strip(" -")[:200]
                 except ExportError as err:

@@ -62,7 +62,8 @@ class TokenState:
 
     @property
     def num_tokens(self) -> int:
-        return int(self.x.shape[1])
+        """N; a SymInt, not forced to an int, while torch.export traces a data-dependent length (LTMP)."""
+        return self.x.shape[1]
 
     @property
     def has_full_grid(self) -> bool:
@@ -73,7 +74,8 @@ class TokenState:
         """Tokens that count for compute: the batch mean of `mask.sum` over tokens (soft masks count their weight),
         or the sequence length when nothing is masked."""
         if self.mask is None:
-            return float(self.num_tokens)
+            n = self.num_tokens
+            return float(n) if isinstance(n, int) else n  # a SymInt while exporting a data-dependent length
         return self.mask.sum(dim=(1, 2)).mean()
 
     def kept_counts(self) -> Tensor:

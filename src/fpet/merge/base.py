@@ -113,6 +113,10 @@ class TokenMerge(nn.Module):
     def constrain(self) -> None:
         """Called after each optimiser step (e.g. clamp learned thresholds into their range)."""
 
+    def export_problem(self) -> Optional[str]:
+        """Why this module's inference cannot become a file that reproduces it (`fpet.export`), or None."""
+        return None
+
     def match(self, state: TokenState) -> Reduce:
         """Decide the groups of `state`'s tokens (prefix tokens pass through first)."""
         raise NotImplementedError

@@ -227,6 +227,13 @@ class BipartiteSoftMatching(TokenMerge):
     def hparams(self) -> dict:
         return {"r": self.r, "split": self.split, **({"k": self.k} if self.split == "kth" else {})}
 
+    def export_problem(self) -> Optional[str]:
+        if self.split == "random":
+            return (f"merge={self.name} merge.split=random draws set A anew on every forward (ToMe's random "
+                    f"split), so no file can reproduce its outputs; export with merge.split=stripe, checkerboard "
+                    f"or kth")
+        return None
+
     def match(self, state: TokenState) -> Reduce:
         a_idx, b_idx = split_positions(self.split, state, self.k, self.r)
         r = a_idx.shape[-1] if self.r is None else self.r

@@ -160,6 +160,9 @@ class LTMP(TokenMerge):
 
         if not self.training and self.inference == "auto" and B == 1:  # remove the dropped tokens
             keep = (mask[0, :, 0] > 0).nonzero()[:, 0]
+            if torch.compiler.is_compiling():  # torch.export: the data-dependent count holds the prefix (always
+                torch._check(keep.shape[0] > P)  # kept) and a patch token, so slicing off the prefix (prompts)
+                # and broadcasting attention's bias [1, 1, 1, N] need no guard on it
             return state.replace(x=x[:, keep], size=size[:, keep], mask=None,
                                  source=None if source is None else source[:, keep])
         return state.replace(x=x, size=size, mask=mask, source=source)
