@@ -100,3 +100,12 @@ def test_a_random_split_is_refused_before_any_tracing(tmp_path):
     with pytest.raises(export.ExportError, match="merge.split=random draws set A anew"):
         export.export_verified(deploy, "torchscript", tmp_path / "model.pt", 224, [])
     assert not list(tmp_path.iterdir())
+
+
+def test_torchscript_is_refused_for_an_input_dependent_token_count(tmp_path):
+    """A trace fixes LTMP's kept-token count (and Convpass's branch on it) of the example image: refused up front,
+    while ONNX keeps the count in the graph."""
+    deploy, _ = tiny_model("lora", "ltmp")
+    with pytest.raises(export.ExportError, match="--format torchscript records one trace.*merge=ltmp"):
+        export.export_verified(deploy, "torchscript", tmp_path / "model.pt", 224, [])
+    assert not list(tmp_path.iterdir())

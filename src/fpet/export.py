@@ -345,6 +345,10 @@ def export_verified(deploy: DeployModel, fmt: str, out: Path, img_size: int,
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: accepted {sorted(FORMATS)}")
     problems = sorted({p for m in getattr(deploy.model, "merges", {}).values() if (p := m.export_problem())})
+    if fmt == "torchscript" and fixed_batch(deploy) is not None:
+        problems.append(f"--format torchscript records one trace, and {batch_note(deploy).split(':')[0]}: a "
+                        f"trace fixes the token count (and any branch on it) of its example image; use --format "
+                        f"onnx or exported, which keep the count in the graph")
     if problems:
         raise ExportError("; ".join(problems))
     out.parent.mkdir(parents=True, exist_ok=True)

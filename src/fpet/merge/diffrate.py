@@ -80,8 +80,13 @@ def merge_into(t: Tensor, num_prefix: int, kept: int, dst: Tensor, mode: str) ->
     """`t [B, N, D]`: tokens after `num_prefix + kept` reduced (`mode`: mean / sum / amax, the destination
     included) into their destinations among the kept patch tokens -> `[B, num_prefix + kept, D]`."""
     end = num_prefix + kept
-    merged = t[:, num_prefix:end].scatter_reduce(1, dst[..., None].expand(-1, -1, t.shape[-1]), t[:, end:],
-                                                reduce=mode)
+    index = dst[..., None].expand(-1, -1, t.shape[-1])
+    if mode != "mean":
+        merged = t[:, num_prefix:end].scatter_reduce(1, index, t[:, end:], reduce=mode)
+    else:  # scatter_reduce(mean) as sum / count: the same values, and an ONNX graph (ScatterElements has no mean)
+        ones = torch.ones_like(t[:, :, :1])
+        count = ones[:, num_prefix:end].scatter_add(1, dst[..., None], ones[:, end:])
+        merged = t[:, num_prefix:end].scatter_add(1, index, t[:, end:]) / count
     return torch.cat([t[:, :num_prefix], merged], dim=1)
 
 
