@@ -16,6 +16,7 @@ import fpet.sweep
 from conftest import merge_overrides
 from fpet.data import build_loaders
 from fpet.data.device import DeviceLoader
+from fpet.merge import MERGE_STRATEGIES
 from fpet.pipeline import session_from_overrides
 from fpet.precision import autocast, configure_precision
 from fpet.profile import measure_training
@@ -25,9 +26,7 @@ from fpet.train import build_optimization, run
 pytestmark = pytest.mark.cuda
 DEVICE = torch.device(os.environ.get("FPET_CUDA_TESTS_DEVICE", "cuda"))
 ON_CUDA = DEVICE.type == "cuda"
-LTMP_BF16 = pytest.mark.xfail(strict=True, raises=RuntimeError, reason="merge/ltmp.py: scatter_reduce of float32 "
-                              "attn_received with a bfloat16 source under bf16 autocast in eval mode (reported)")
-MERGES = ("none", "tome", "bsm", "fpet", "avgpool", "maxpool", pytest.param("ltmp", marks=LTMP_BF16), "evit", "trpts")
+MERGES = tuple(sorted(MERGE_STRATEGIES))
 SMALL = ("dataset.protocol=val", "train.batch_size=64", "train.eval_batch_size=48")
 
 

@@ -9,6 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import merge_overrides
+from fpet.merge import MERGE_STRATEGIES
 from fpet.pipeline import session_from_overrides
 from fpet.precision import autocast, compiled_forward, configure_precision
 from fpet.train import build_optimization, evaluate, fused_kwargs, run
@@ -65,6 +67,22 @@ def test_bf16_autocast_training_step_is_stable_and_close_to_fp32(pet, merge):
     for name, p in trainable:
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
     assert any(p.grad.abs().sum() > 0 for n, p in trainable if "head" not in n)
+
+
+@pytest.mark.parametrize("merge", sorted(MERGE_STRATEGIES))
+def test_every_strategy_evaluates_under_bf16_autocast(merge):
+    """Inference (eval mode, no gradient) of every registered strategy under CPU bf16 autocast: the fp32 token count,
+    finite logits near the fp32 ones (LTMP once mixed a bf16 source into a float32 scatter_reduce here)."""
+    session = session_from_overrides(["backbone=vit_micro", "pet=lora", f"merge={merge}", "device=cpu",
+                                      *merge_overrides(merge, "lora")])
+    model = session.model.eval()
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        ref, tokens_ref = model(images), model.forward_tokens(images).x.shape[1]
+        with autocast(torch.device("cpu"), "bf16"):
+            low, tokens = model(images).float(), model.forward_tokens(images).x.shape[1]
+    assert tokens == tokens_ref and torch.isfinite(low).all()
+    torch.testing.assert_close(low, ref, atol=0.1, rtol=0.05)
 
 
 def test_bf16_folded_inference_matches_the_trained_model():

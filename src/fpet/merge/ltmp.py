@@ -153,7 +153,8 @@ class LTMP(TokenMerge):
 
         # 2. prune: importance = attention received (a B token takes the max over the A tokens it absorbed)
         importance = state.attn_received
-        importance = importance.scatter_reduce(1, dst, importance * hard[..., 0], reduce="amax")
+        absorbed = (importance * hard[..., 0]).to(importance.dtype)  # one dtype under autocast (bf16 hard mask)
+        importance = importance.scatter_reduce(1, dst, absorbed, reduce="amax")
         importance = torch.cat([importance.new_full((B, P), math.inf), importance[:, P:]], dim=1)
         kept = mask.detach() > 0
         mask = torch.where(kept, threshold_mask(importance, self.prune_threshold, self.tau)[..., None], mask)
