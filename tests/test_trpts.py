@@ -100,6 +100,17 @@ def test_allocation_on_hand_made_scores_with_a_block_without_critical_entries():
     assert connection_budgets({0: 0.25, 1: 0.1}, 1) == {0: 3, 1: 1}  # 2.5 rounds up
 
 
+def test_critical_counts_do_not_depend_on_the_order_of_the_scores():
+    # ties at the threshold (here every entry): a fresh pass (model order) and the cache (file order) must agree,
+    # or a resumed run would rebuild other C_l than its checkpoint was trained with
+    scores = {"patch_embed.proj": torch.zeros(2, 4), "blocks.0.mlp.fc1": torch.zeros(2, 4),
+              "blocks.1.mlp.fc1": torch.zeros(2, 4)}
+    reordered = {n: scores[n] for n in sorted(scores)}  # the order safetensors stores them in
+    counts = critical_counts(scores, 25.0)
+    assert counts == critical_counts(reordered, 25.0) and sum(counts.values()) == 6
+    assert list(critical_counts(reordered, 25.0)) == list(reordered)
+
+
 def test_row_selection_keeps_each_rows_top_entries():
     score = torch.tensor([[0.1, 0.9, 0.5, 0.2], [3.0, 1.0, 2.0, 0.0]])
     assert row_selection(score, 2).tolist() == [[1, 2], [0, 2]]
@@ -287,3 +298,42 @@ def test_sparse_insertion_without_a_selecting_pet_method_is_a_clear_config_error
         validate_config(make_cfg("pet=trpts", "merge=trpts", "merge.keep=1.5"), check_files=False)
     with pytest.raises(ConfigError, match="pet.score"):
         validate_config(make_cfg("pet=trpts", "pet.score=hessian"), check_files=False)
+
+
+# --- runs: resume and reloading a task file -------------------------------------------------------------------------
+
+NO_BENCH = ["bench.flops=false", "bench.latency=false", "bench.train=false"]
+
+
+def refuse_scoring(monkeypatch) -> None:
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scores were computed again")
+
+    monkeypatch.setattr("fpet.pet.sparse.gradient_scores", no_scoring)
+
+
+def test_a_resumed_training_run_reads_the_scores_of_its_run_dir(make_cfg, tmp_path, monkeypatch):
+    from fpet.train import run
+
+    cfg = make_cfg("pet=trpts", "merge=trpts", "train.keep_last_ckpt=true", *SCORING, *NO_BENCH)
+    run(cfg, tmp_path)
+    first = (tmp_path / "selection.json").read_text()
+    assert (tmp_path / "fisher.safetensors").is_file() and (tmp_path / "last.ckpt").is_file()
+    (tmp_path / "results.json").unlink()  # as if killed after the last checkpoint: the next run resumes
+    refuse_scoring(monkeypatch)
+    resumed = run(cfg, tmp_path)
+    assert resumed["resumed_from_epoch"] == 1  # the checkpoint's entries fit the selection rebuilt from the cache
+    assert (tmp_path / "selection.json").read_text() == first
+
+
+def test_visualize_adopts_the_task_files_selection_without_scoring(trpts_model, tmp_path, monkeypatch):
+    from fpet.visualize import trained_model
+
+    cfg, model, _ = trpts_model
+    path = tmp_path / "task.safetensors"
+    save_task(model, path)
+    refuse_scoring(monkeypatch)  # a task file holds its selection: no data, no scoring pass
+    loaded, _ = trained_model(["backbone=vit_micro", "pet=trpts", *SCORING], path)
+    for name, layer in sparse_layers(loaded.vit).items():
+        assert torch.equal(layer.index, sparse_layers(model.vit)[name].index)
+        assert torch.equal(layer.entries, sparse_layers(model.vit)[name].entries)
