@@ -147,6 +147,37 @@ def test_trained_set_is_the_selection_biases_and_head(trpts_model):
         assert layer.entries.shape == (layer.base_layer.weight.shape[0], connections[block])
 
 
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_sparse_linear_has_the_scattered_weights_gradients_and_saves_no_weight_copy(dtype):
+    from fpet.pet.sparse import sparse_linear
+    from fpet.profile import saved_for_backward_bytes
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    index = row_selection(torch.rand(5, 6), 2)
+    entries = torch.nn.Parameter(torch.randn(5, 2))
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    outs = {}
+    for mode in ("scatter", "sparse"):
+        leaves = [x, base.weight, base.bias, entries]
+        for t in leaves:
+            t.grad = None
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            if mode == "scatter":
+                y = F.linear(x, base.weight.flatten(1).scatter(1, index, entries), base.bias)
+            else:
+                y = sparse_linear(x, base.weight, base.bias, index, entries)
+        (y.float() * torch.arange(5.0)).sum().backward()
+        outs[mode] = [y.detach()] + [t.grad.clone() for t in leaves]
+    tol = {} if dtype is None else {"atol": 0.05, "rtol": 0.02}
+    for ref, got in zip(outs["scatter"], outs["sparse"]):
+        torch.testing.assert_close(got, ref, **tol)
+    assert (outs["sparse"][2].flatten(1).gather(1, index) == 0).all()  # replaced entries: no base-weight gradient
+    layer = SparseTuned(torch.nn.Linear(6, 5))
+    layer.select(index)
+    assert saved_for_backward_bytes(layer, lambda: layer(x).sum()) == x.numel() * 4  # only the input
+
+
 def test_frozen_entries_stay_bit_identical_after_adamw_with_weight_decay(trpts_model, images):
     cfg, built, _ = trpts_model
     import copy
