@@ -288,12 +288,16 @@ def test_evit_without_proportional_attention_keeps_no_sizes():
     assert out.size is None and out.x.shape[1] == 1 + 7 + 1
 
 
-@pytest.mark.parametrize("merge,tokens", [("evit", 72), ("trpts", 171)])
+@pytest.mark.parametrize("merge,tokens", [("evit", (140, 100, 72)), ("trpts", (188, 179, 171))])
 def test_token_counts_at_blocks_3_6_9(make_cfg, merge, tokens):
     # EViT rho 0.7: 196 -> 138 + 1 -> 98 + 1 -> 70 + 1 patches; TR-PTS rho 0.95: 186 + 1 -> 177 + 1 -> 169 + 1
-    model = build_model(make_cfg("pet=lora", f"merge={merge}", "merge.layer=[3,6,9]"))
+    model = build_model(make_cfg("pet=lora", f"merge={merge}", "merge.layer=[3,6,9]")).eval()
     assert sorted(int(k) for k in model.merges) == [3, 6, 9]
-    assert count_tokens_out(model, 224) == tokens
+    with torch.no_grad():
+        trace = model.forward_tokens(torch.rand(2, 3, 224, 224)).trace
+    mlp_tokens = [int(n_mlp) for _, n_mlp in trace]  # tokens entering each block's MLP
+    assert mlp_tokens == [197] * 3 + [tokens[0]] * 3 + [tokens[1]] * 3 + [tokens[2]] * 3
+    assert count_tokens_out(model, 224) == tokens[-1]
 
 
 def test_evit_keep_rate_warm_up():
