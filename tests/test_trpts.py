@@ -100,6 +100,17 @@ def test_allocation_on_hand_made_scores_with_a_block_without_critical_entries():
     assert connection_budgets({0: 0.25, 1: 0.1}, 1) == {0: 3, 1: 1}  # 2.5 rounds up
 
 
+def test_critical_counts_do_not_depend_on_the_order_of_the_scores():
+    # ties at the threshold (here every entry): a fresh pass (model order) and the cache (file order) must agree,
+    # or a resumed run would rebuild other C_l than its checkpoint was trained with
+    scores = {"patch_embed.proj": torch.zeros(2, 4), "blocks.0.mlp.fc1": torch.zeros(2, 4),
+              "blocks.1.mlp.fc1": torch.zeros(2, 4)}
+    reordered = {n: scores[n] for n in sorted(scores)}  # the order safetensors stores them in
+    counts = critical_counts(scores, 25.0)
+    assert counts == critical_counts(reordered, 25.0) and sum(counts.values()) == 6
+    assert list(critical_counts(reordered, 25.0)) == list(reordered)
+
+
 def test_row_selection_keeps_each_rows_top_entries():
     score = torch.tensor([[0.1, 0.9, 0.5, 0.2], [3.0, 1.0, 2.0, 0.0]])
     assert row_selection(score, 2).tolist() == [[1, 2], [0, 2]]
@@ -134,6 +145,37 @@ def test_trained_set_is_the_selection_biases_and_head(trpts_model):
     for name, layer in layers.items():  # every row of a block's matrices trains the block's C_l connections
         block = name.split(".")[1] if name.startswith("blocks.") else "patch_embed"
         assert layer.entries.shape == (layer.base_layer.weight.shape[0], connections[block])
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_sparse_linear_has_the_scattered_weights_gradients_and_saves_no_weight_copy(dtype):
+    from fpet.pet.sparse import sparse_linear
+    from fpet.profile import saved_for_backward_bytes
+
+    torch.manual_seed(0)
+    base = torch.nn.Linear(6, 5)
+    index = row_selection(torch.rand(5, 6), 2)
+    entries = torch.nn.Parameter(torch.randn(5, 2))
+    x = torch.randn(3, 4, 6, requires_grad=True)
+    outs = {}
+    for mode in ("scatter", "sparse"):
+        leaves = [x, base.weight, base.bias, entries]
+        for t in leaves:
+            t.grad = None
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            if mode == "scatter":
+                y = F.linear(x, base.weight.flatten(1).scatter(1, index, entries), base.bias)
+            else:
+                y = sparse_linear(x, base.weight, base.bias, index, entries)
+        (y.float() * torch.arange(5.0)).sum().backward()
+        outs[mode] = [y.detach()] + [t.grad.clone() for t in leaves]
+    tol = {} if dtype is None else {"atol": 0.05, "rtol": 0.02}
+    for ref, got in zip(outs["scatter"], outs["sparse"]):
+        torch.testing.assert_close(got, ref, **tol)
+    assert (outs["sparse"][2].flatten(1).gather(1, index) == 0).all()  # replaced entries: no base-weight gradient
+    layer = SparseTuned(torch.nn.Linear(6, 5))
+    layer.select(index)
+    assert saved_for_backward_bytes(layer, lambda: layer(x).sum()) == x.numel() * 4  # only the input
 
 
 def test_frozen_entries_stay_bit_identical_after_adamw_with_weight_decay(trpts_model, images):
@@ -246,12 +288,16 @@ def test_evit_without_proportional_attention_keeps_no_sizes():
     assert out.size is None and out.x.shape[1] == 1 + 7 + 1
 
 
-@pytest.mark.parametrize("merge,tokens", [("evit", 72), ("trpts", 171)])
+@pytest.mark.parametrize("merge,tokens", [("evit", (140, 100, 72)), ("trpts", (188, 179, 171))])
 def test_token_counts_at_blocks_3_6_9(make_cfg, merge, tokens):
     # EViT rho 0.7: 196 -> 138 + 1 -> 98 + 1 -> 70 + 1 patches; TR-PTS rho 0.95: 186 + 1 -> 177 + 1 -> 169 + 1
-    model = build_model(make_cfg("pet=lora", f"merge={merge}", "merge.layer=[3,6,9]"))
+    model = build_model(make_cfg("pet=lora", f"merge={merge}", "merge.layer=[3,6,9]")).eval()
     assert sorted(int(k) for k in model.merges) == [3, 6, 9]
-    assert count_tokens_out(model, 224) == tokens
+    with torch.no_grad():
+        trace = model.forward_tokens(torch.rand(2, 3, 224, 224)).trace
+    mlp_tokens = [int(n_mlp) for _, n_mlp in trace]  # tokens entering each block's MLP
+    assert mlp_tokens == [197] * 3 + [tokens[0]] * 3 + [tokens[1]] * 3 + [tokens[2]] * 3
+    assert count_tokens_out(model, 224) == tokens[-1]
 
 
 def test_evit_keep_rate_warm_up():
@@ -287,3 +333,42 @@ def test_sparse_insertion_without_a_selecting_pet_method_is_a_clear_config_error
         validate_config(make_cfg("pet=trpts", "merge=trpts", "merge.keep=1.5"), check_files=False)
     with pytest.raises(ConfigError, match="pet.score"):
         validate_config(make_cfg("pet=trpts", "pet.score=hessian"), check_files=False)
+
+
+# --- runs: resume and reloading a task file -------------------------------------------------------------------------
+
+NO_BENCH = ["bench.flops=false", "bench.latency=false", "bench.train=false"]
+
+
+def refuse_scoring(monkeypatch) -> None:
+    def no_scoring(*args, **kwargs):
+        raise AssertionError("scores were computed again")
+
+    monkeypatch.setattr("fpet.pet.sparse.gradient_scores", no_scoring)
+
+
+def test_a_resumed_training_run_reads_the_scores_of_its_run_dir(make_cfg, tmp_path, monkeypatch):
+    from fpet.train import run
+
+    cfg = make_cfg("pet=trpts", "merge=trpts", "train.keep_last_ckpt=true", *SCORING, *NO_BENCH)
+    run(cfg, tmp_path)
+    first = (tmp_path / "selection.json").read_text()
+    assert (tmp_path / "fisher.safetensors").is_file() and (tmp_path / "last.ckpt").is_file()
+    (tmp_path / "results.json").unlink()  # as if killed after the last checkpoint: the next run resumes
+    refuse_scoring(monkeypatch)
+    resumed = run(cfg, tmp_path)
+    assert resumed["resumed_from_epoch"] == 1  # the checkpoint's entries fit the selection rebuilt from the cache
+    assert (tmp_path / "selection.json").read_text() == first
+
+
+def test_visualize_adopts_the_task_files_selection_without_scoring(trpts_model, tmp_path, monkeypatch):
+    from fpet.visualize import trained_model
+
+    cfg, model, _ = trpts_model
+    path = tmp_path / "task.safetensors"
+    save_task(model, path)
+    refuse_scoring(monkeypatch)  # a task file holds its selection: no data, no scoring pass
+    loaded, _ = trained_model(["backbone=vit_micro", "pet=trpts", *SCORING], path)
+    for name, layer in sparse_layers(loaded.vit).items():
+        assert torch.equal(layer.index, sparse_layers(model.vit)[name].index)
+        assert torch.equal(layer.entries, sparse_layers(model.vit)[name].entries)

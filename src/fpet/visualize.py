@@ -17,6 +17,7 @@ from fpet.checkpoint import load_task, read_task_file, task_metadata, task_overr
 from fpet.config import compose_config
 from fpet.merge import build_merges
 from fpet.model import build_model
+from fpet.select import ScoringInput
 from fpet.vit import TokenViT
 
 
@@ -75,7 +76,7 @@ def trained_model(overrides: Sequence[str], checkpoint: str | Path) -> tuple[Tok
     """
     info, _ = read_task_file(checkpoint)
     cfg = compose_config([*overrides, *task_overrides(info, ("merge",))])
-    model = build_model(cfg)
+    model = build_model(cfg, ScoringInput(task_file=Path(checkpoint)))  # TR-PTS / GPS: the file's selection
     load_task(model, checkpoint, task_metadata(cfg, model))
     return model, cfg
 

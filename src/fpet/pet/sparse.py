@@ -8,7 +8,9 @@ selected entries of each output row (their columns in `index [out, C]`). Its for
 selected entries replaced, `W.scatter(1, index, entries)`, so this is the masked-gradient update of the original
 weights: the gradient of an entry is the weight gradient at its position, every other entry gets none, and since
 the frozen entries are not parameters, AdamW's decoupled weight decay cannot move them either (they stay
-bit-identical to the pretrained values). The layer's biases and the head train in full; norms, position embedding
+bit-identical to the pretrained values). For the linear layers `sparse_linear` rebuilds that weight in the backward
+pass instead of keeping it for it, so training holds no second copy of the weights (saved-for-backward is that of
+the plain linear layer). The layer's biases and the head train in full; norms, position embedding
 and class token stay frozen (GPS's convention).
 
 The selection is made after injection, before merges are placed (the record's `select`): the scoring pass of
@@ -43,6 +45,46 @@ log = logging.getLogger(__name__)
 
 ALLOCATIONS = ("fisher", "fixed")
 SELECTION_NAME = "selection.json"
+
+
+class _SparseLinear(torch.autograd.Function):
+    """`F.linear(x, W.scatter(1, index, entries), bias)` saving `x` (not the scattered weight) for backward."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Optional[Tensor], index: Tensor, entries: Tensor
+                ) -> Tensor:
+        ctx.save_for_backward(x, weight, index, entries)
+        ctx.has_bias = bias is not None
+        return F.linear(x, _scattered(weight, index, entries), bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Optional[Tensor], ...]:
+        x, weight, index, entries = ctx.saved_tensors
+        dtype = grad.dtype  # under autocast the forward ran in its dtype (bf16 / fp16): so does the backward
+        need_x, need_w, need_b, _, need_e = ctx.needs_input_grad
+        grad_x = grad_w = grad_b = grad_e = None
+        if need_x:
+            grad_x = (grad @ _scattered(weight, index, entries).to(dtype)).to(x.dtype)
+        if need_w or need_e:
+            full = grad.reshape(-1, grad.shape[-1]).t() @ x.reshape(-1, x.shape[-1]).to(dtype)  # [out, in]
+            if need_e:
+                grad_e = full.gather(1, index).to(entries.dtype)
+            if need_w:  # pet.trainable=all: the base weight trains too, except where the entries replace it
+                grad_w = full.scatter(1, index, 0.0).to(weight.dtype)
+        if need_b and ctx.has_bias:
+            grad_b = grad.reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, None, grad_e
+
+
+def _scattered(weight: Tensor, index: Tensor, entries: Tensor) -> Tensor:
+    """`weight [out, in]` with the entries at `index [out, C]` replaced by `entries [out, C]`."""
+    return weight.flatten(1).scatter(1, index, entries.to(weight.dtype)).view_as(weight)
+
+
+def sparse_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], index: Tensor, entries: Tensor) -> Tensor:
+    """`[.., in] -> [.., out]` with `weight [out, in]` whose entries at `index [out, C]` are `entries [out, C]`;
+    gradients as if the scattered weight were used, without keeping it for backward."""
+    return _SparseLinear.apply(x, weight, bias, index, entries)
 
 
 class SparseTuned(PETLayer):
@@ -97,10 +139,12 @@ class SparseTuned(PETLayer):
         return weight.flatten(1).scatter(1, self.index, self.entries.to(weight.dtype)).view_as(weight)
 
     def forward(self, x: Tensor) -> Tensor:
-        weight, bias = self.effective_weight(), self.base_layer.bias
+        bias = self.base_layer.bias
         if isinstance(self.base_layer, nn.Conv2d):
-            return self.base_layer._conv_forward(x, weight, bias)
-        return F.linear(x, weight, bias)
+            return self.base_layer._conv_forward(x, self.effective_weight(), bias)
+        if not self.entries.numel():
+            return F.linear(x, self.base_layer.weight, bias)
+        return sparse_linear(x, self.base_layer.weight, bias, self.index, self.entries)
 
     def packed_tensors(self) -> dict[str, Tensor]:
         """`entries.values [out, C]` (float32), `entries.index [out, C]` (int16, int32 above 32767 inputs) and

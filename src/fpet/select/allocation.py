@@ -25,16 +25,19 @@ from fpet.select.fisher import block_of
 def critical_counts(scores: dict[str, Tensor], percent: float) -> dict[str, int]:
     """How many entries of each matrix are among the global top-`percent` % of all entries (at least one entry).
 
-    Ties at the threshold are broken by `torch.topk` (exactly `ceil(percent / 100 * total)` entries count).
+    Ties at the threshold are broken by `torch.topk` (exactly `ceil(percent / 100 * total)` entries count) over the
+    matrices in name order, so the counts do not depend on the dict's order (scores read back from the cache come
+    in the file's order, a fresh pass in the model's).
     """
-    names = list(scores)
+    names = sorted(scores)
     sizes = [scores[n].numel() for n in names]
     flat = torch.cat([scores[n].detach().flatten().float().cpu() for n in names])
     k = min(flat.numel(), max(1, math.ceil(percent / 100.0 * flat.numel())))
     top = flat.topk(k, sorted=False).indices
     owner = torch.bucketize(top, torch.tensor(sizes).cumsum(0), right=True)
     counts = torch.bincount(owner, minlength=len(names))
-    return {n: int(c) for n, c in zip(names, counts)}
+    counted = dict(zip(names, (int(c) for c in counts)))
+    return {n: counted[n] for n in scores}
 
 
 def block_weights(critical: dict[str, int], scores: dict[str, Tensor]) -> dict[int, float]:
