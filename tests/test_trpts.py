@@ -372,3 +372,19 @@ def test_visualize_adopts_the_task_files_selection_without_scoring(trpts_model, 
     for name, layer in sparse_layers(loaded.vit).items():
         assert torch.equal(layer.index, sparse_layers(model.vit)[name].index)
         assert torch.equal(layer.entries, sparse_layers(model.vit)[name].entries)
+
+
+def test_export_adopts_the_task_files_selection_without_scoring(tmp_path, monkeypatch):
+    from conftest import FAST
+    from fpet import export
+    from fpet.pipeline import session_from_overrides
+
+    overrides = [*FAST, "pet=trpts", *SCORING]
+    model = session_from_overrides(overrides).model.eval()  # seeded as a run: export rebuilds the same backbone
+    path = tmp_path / "task.safetensors"
+    save_task(model, path)
+    refuse_scoring(monkeypatch)  # exporting a run reads no training data
+    deploy, _ = export.inference_model(export.resolve_source(str(path), overrides))
+    images = torch.rand(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(deploy(images), model(images), atol=1e-5, rtol=1e-5)

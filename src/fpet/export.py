@@ -138,7 +138,7 @@ def inference_model(source: Source) -> tuple[nn.Module, DictConfig]:
         session = open_session(cfg, check_files=False)
     finally:
         pipeline_log.setLevel(level)
-    model = session.build()
+    model = session.build(task_file=source.task_file)  # TR-PTS / GPS: the file's selection, no scoring pass
     if source.task_file is not None:
         load_task(model, source.task_file, session.task_info())
     infer, _ = session.inference()
