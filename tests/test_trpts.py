@@ -3,7 +3,6 @@ tuning with frozen entries bit-identical after AdamW, the packed task file, clas
 (TR-PTS, EViT), sparse insertion and the score cache."""
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch

@@ -15,7 +15,6 @@ import logging
 from typing import Any, Callable
 
 import torch
-from torch import nn
 
 from fpet.validate import PRECISIONS, precision_problems  # noqa: F401  (torch-free, checked up front)
 

@@ -8,6 +8,7 @@ key, the bad value and what is accepted. `config_warnings` names settings that r
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig
 

@@ -37,7 +37,7 @@ from fpet.fileio import write_text_atomic
 from fpet.pet.base import PETLayer, PETMethod
 from fpet.pet.fold import linear_with
 from fpet.pet.inject import head_module, replace_modules
-from fpet.select import (BLOCK_CANDIDATES, CACHE_NAME, PATCH_EMBED, SCORE_KINDS, ScoringInput, block_of,
+from fpet.select import (BLOCK_CANDIDATES, PATCH_EMBED, SCORE_KINDS, ScoringInput, block_of,
                          block_weights, cached_scores, connection_budgets, critical_counts, gradient_scores,
                          row_selection, sparse_block_order)
 
