@@ -73,13 +73,17 @@ def count_flops(model: nn.Module, img_size: int, device: torch.device | str = "c
 
 @torch.no_grad()
 def count_tokens_out(model: nn.Module, img_size: int, device: torch.device | str = "cpu") -> Optional[int]:
-    """Tokens entering the final norm (197 for ViT-B/16 without merging); None for a model without token state."""
+    """Tokens entering the final norm (197 for ViT-B/16 without merging) for one seeded random image; None for a
+    model without token state. A strategy whose count depends on the image (LTMP) gives that image's count (a
+    constant image would merge all its identical patches); a run records the per-image mean and range on its data
+    (`kept_token_stats`)."""
     if not hasattr(model, "forward_tokens"):
         return None
     was_training = model.training
     model.eval()
     try:
-        return int(model.forward_tokens(torch.zeros(1, 3, img_size, img_size, device=device)).x.shape[1])
+        image = torch.rand(1, 3, img_size, img_size, generator=torch.Generator().manual_seed(0)).to(device)
+        return int(model.forward_tokens(image).x.shape[1])
     finally:
         model.train(was_training)
 
