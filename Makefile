@@ -41,7 +41,8 @@ bench:  ## efficiency figures (GFLOPs, latency, memory) of the default model, ra
 gpu-wheels:  ## .whl/: the pure-Python wheels scripts/gpu_check.sh installs on a GPU machine without network
 	PYTHON=$(PY) bash scripts/gpu_wheels.sh
 
-gpu-smoke:  ## scripts/gpu_check.sh --cpu-smoke: the GPU check's steps on the CPU at tiny sizes (~1-2 min)
+gpu-smoke:  ## scripts/gpu_check.sh --cpu-smoke: the GPU check's steps on the CPU at tiny sizes (~1-2 min; makes .whl/ first if empty)
+	@ls .whl/*.whl >/dev/null 2>&1 || $(MAKE) gpu-wheels
 	PYTHON=$(PY) bash scripts/gpu_check.sh --cpu-smoke
 
 clean:  ## remove caches (keeps .venv, data/ and outputs/)
