@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fpet import build_model
-from fpet.merge import diffrate as diffrate_module
-from fpet.merge.diffrate import (SCHEDULE_NAME, DiffRate, DiffRateSearch, ScheduleMissingError, search_flops,
-                                 search_schedule)
+from fpet.merge import diffrate_search as search_module
+from fpet.merge.diffrate import SCHEDULE_NAME, DiffRate, ScheduleMissingError
+from fpet.merge.diffrate_search import DiffRateSearch, search_flops, search_schedule
 from fpet.merge.schedule import geometry
 from fpet.profile import count_flops
 from fpet.select import ScoringInput
@@ -108,7 +108,7 @@ def test_a_run_directory_keeps_the_searched_schedule_and_a_resume_reuses_it(make
     def no_search(*args, **kwargs):
         raise AssertionError("searched again")
 
-    monkeypatch.setattr(diffrate_module, "search_schedule", no_search)
+    monkeypatch.setattr(search_module, "search_schedule", no_search)
     again = build_model(cfg, ScoringInput(cache=cache))
     assert [m.prune_kept for m in again.merges.values()] == stored["prune_kept"]
     evaluated = build_model(cfg, ScoringInput(task_file=tmp_path / "run" / "task.safetensors"))
