@@ -145,10 +145,14 @@ def inference_model(source: Source) -> tuple[nn.Module, DictConfig]:
     return DeployModel(infer, cfg.dataset.get("normalize", "none")).eval(), cfg
 
 
+def input_dependent_merges(deploy: DeployModel) -> list[str]:
+    """Names of the model's merge strategies whose token count depends on the input (not `static_tokens`)."""
+    return sorted({type(m).name for m in getattr(deploy.model, "merges", {}).values() if not type(m).static_tokens})
+
+
 def fixed_batch(deploy: DeployModel) -> Optional[int]:
     """None (dynamic batch) when every merge strategy of the model has `static_tokens`, else 1."""
-    merges = getattr(deploy.model, "merges", {})
-    return None if all(type(m).static_tokens for m in merges.values()) else 1
+    return 1 if input_dependent_merges(deploy) else None
 
 
 def with_merge_strategy(deploy: DeployModel, cfg: DictConfig, name: str) -> DeployModel:
@@ -345,10 +349,11 @@ def export_verified(deploy: DeployModel, fmt: str, out: Path, img_size: int,
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: accepted {sorted(FORMATS)}")
     problems = sorted({p for m in getattr(deploy.model, "merges", {}).values() if (p := m.export_problem())})
-    if fmt == "torchscript" and fixed_batch(deploy) is not None:
-        problems.append(f"--format torchscript records one trace, and {batch_note(deploy).split(':')[0]}: a "
-                        f"trace fixes the token count (and any branch on it) of its example image; use --format "
-                        f"onnx or exported, which keep the count in the graph")
+    dependent = input_dependent_merges(deploy)
+    if fmt == "torchscript" and dependent:
+        problems.append(f"--format torchscript records one trace, and merge={','.join(dependent)} keeps an "
+                        f"input-dependent number of tokens: a trace fixes the count (and any branch on it) of its "
+                        f"example image; use --format onnx or exported, which keep the count in the graph")
     if problems:
         raise ExportError("; ".join(problems))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -424,9 +429,9 @@ def tiny_model(pet: str, merge: str, overrides: Sequence[str] = ()) -> tuple[Dep
 
 def batch_note(deploy: DeployModel) -> Optional[str]:
     """Why the export has a fixed batch size, or None (dynamic batch)."""
-    if fixed_batch(deploy) is None:
+    names = input_dependent_merges(deploy)
+    if not names:
         return None
-    names = sorted({type(m).name for m in deploy.model.merges.values() if not type(m).static_tokens})
     return (f"merge={','.join(names)} keeps an input-dependent number of tokens (static_tokens=False): an image's "
             f"tokens are removed by a data-dependent count, which a batched graph cannot hold (rows of different "
             f"lengths), so the file takes batch size 1: run it one image at a time")

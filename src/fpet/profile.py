@@ -142,16 +142,20 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int, device: to
     return statistics.median(times)
 
 
+def bench_autocast(device: torch.device, dtype: str) -> Any:
+    """The autocast context of a measurement in `bench.dtype` (none for float32)."""
+    return torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else nullcontext()
+
+
 def measure_latency(model: nn.Module, batch: int, img_size: int, repeats: int = 10, warmup: int = 3,
                     dtype: str = "float32") -> dict[str, float]:
     """`latency_ms` per image and `throughput` (img/s) of inference at `batch`."""
     device = next(model.parameters()).device
     images = torch.randn(batch, 3, img_size, img_size, device=device)
-    autocast = (torch.autocast(device.type, dtype=DTYPES[dtype]) if dtype != "float32" else nullcontext())
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), autocast:
+        with torch.inference_mode(), bench_autocast(device, dtype):
             seconds = _median_seconds(lambda: model(images), repeats, warmup, device, f"latency (batch {batch})")
     finally:
         model.train(was_training)
@@ -203,9 +207,7 @@ def _measure_steps(model: nn.Module, params: list[nn.Parameter], images: Tensor,
     optimizer = torch.optim.AdamW(params, lr=0.0, weight_decay=0.0)
 
     def loss_fn() -> Tensor:
-        if dtype == "float32":
-            return training_loss(model, images, labels)
-        with torch.autocast(device.type, dtype=DTYPES[dtype]):
+        with bench_autocast(device, dtype):
             return training_loss(model, images, labels)
 
     def train_step() -> None:
